@@ -1,0 +1,75 @@
+"""The curation recipe: inputs, output, and one section per step."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from common.config import Config
+from curation.cuts import CutsConfig
+from curation.inputs import VIDEO_EXTENSIONS
+from curation.motion import MotionConfig
+from curation.text_area import TextAreaConfig
+from curation.thresholds import Threshold
+
+
+
+class DecodeConfig(Config):
+    """The one sequential decode of each video, and the limits that keep untrusted media in check."""
+
+    short_side: int = 128          # working size of the shared low-resolution frames (cuts, flow)
+    key_frame_max_side: int = 768  # first/middle/last frames of each clip, for the model stages
+    timeout_s: float = 60.0        # per video: timeout_s + timeout_per_video_s * duration
+    timeout_per_video_s: float = 2.0
+    probe_timeout_s: float = 30.0
+    max_pixels: int = 4096 * 4096  # larger frames are refused (a decompression bomb costs memory per frame)
+    num_workers: int | None = None  # decode actors; None = one per CPU of the cluster
+
+    @pydantic.field_validator("short_side", "key_frame_max_side")
+    @classmethod
+    def _positive_size(cls, v: int) -> int:
+        if v < 16:
+            raise ValueError(f"frame sizes must be at least 16 pixels, got {v}; use e.g. 128")
+        return v
+
+    @pydantic.field_validator("timeout_s", "probe_timeout_s")
+    @classmethod
+    def _positive_time(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"time limits must be positive, got {v}; use e.g. 60")
+        return v
+
+
+class ClipFilesConfig(Config):
+    """How clip files are cut from their source video."""
+
+    mode: Literal["copy", "reencode", "none"] = "copy"  # copy: at keyframes, no re-encode (SVD); reencode: exact frames, H.264
+    crf: int = 18
+    preset: str = "veryfast"
+
+
+class RayConfig(Config):
+    num_cpus: int | None = None  # for the embedded local Ray; None = all cores
+
+
+class CurationConfig(Config):
+    inputs: list[str] = []
+    output: str = "runs/curation"
+    extensions: list[str] = VIDEO_EXTENSIONS  # in folders, other files are listed in the ledger as skipped
+    decode: DecodeConfig = DecodeConfig()
+    cuts: CutsConfig = CutsConfig()
+    motion: MotionConfig = MotionConfig()
+    text: TextAreaConfig = TextAreaConfig()
+    clips: ClipFilesConfig = ClipFilesConfig()
+    # score column -> rule; applied in this order, which is also the funnel's order
+    thresholds: dict[str, Threshold] = {}
+    ray: RayConfig = RayConfig()
+
+    @pydantic.field_validator("extensions")
+    @classmethod
+    def _dotted(cls, v: list[str]) -> list[str]:
+        bad = [e for e in v if not e.startswith(".")]
+        if bad:
+            raise ValueError(f"extensions must start with a dot, got {bad}; write e.g. .mp4")
+        return [e.lower() for e in v]

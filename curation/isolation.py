@@ -1,0 +1,99 @@
+"""Runs untrusted-media work in a child process with a time limit.
+
+A decoder can hang (a FIFO, a pathological stream) or crash the process (a segfault in a native
+library). The pipeline's actor keeps one child; a call that overruns its limit or kills the child
+becomes a failure reason, the child is replaced, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    value: Any = None     # the function's return value when ok
+    reason: str = ""      # why not, when not ok: "timeout: ...", "crash: ...", "error: ..."
+
+
+def _serve(conn) -> None:  # the child's loop: one call at a time until the pipe closes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    while True:
+        try:
+            fn, args, kwargs = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", fn(*args, **kwargs)))
+        except BaseException as e:  # noqa: BLE001 - everything must come back as a reason
+            conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc(limit=4)))
+
+
+class IsolatedWorker:
+    """One child process serving calls; `call` never raises for what happens inside the child."""
+
+    def __init__(self, start_method: str = "spawn") -> None:
+        self._ctx = mp.get_context(start_method)
+        self._proc = None
+        self._conn = None
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float, **kwargs: Any) -> Outcome:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        try:
+            self._conn.send((fn, args, kwargs))
+            if not self._conn.poll(timeout_s):
+                self._kill()
+                return Outcome(False, reason=f"timeout: no result within {timeout_s:.0f} s")
+            msg = self._conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            code = self._kill()
+            return Outcome(False, reason=f"crash: worker process died ({_describe_exit(code)})")
+        if msg[0] == "ok":
+            return Outcome(True, value=msg[1])
+        return Outcome(False, reason=f"error: {msg[1]}", value=msg[2])
+
+    def _kill(self) -> int | None:
+        proc, self._proc = self._proc, None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if proc is None:
+            return None
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=10)
+        return proc.exitcode
+
+    def close(self) -> None:
+        self._kill()
+
+    def __del__(self) -> None:  # best effort; actors also call close()
+        try:
+            self._kill()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

@@ -1,0 +1,168 @@
+"""`lvd curate`: inputs -> Ray Data pipeline -> ledger parts -> thresholds -> ledger and funnel.
+
+    videos ─► VideoActor pool (isolated decode: cuts, flow, key frames, clip files)
+           ─► one actor pool per model stage (text area, ...) ─► driver: ledger parts as videos finish
+
+Without an address a local Ray starts and stops inside the run; with one, the same pipeline runs on
+that cluster (inputs and the output folder must then be reachable from every node).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from curation.config import CurationConfig
+from curation.inputs import InputVideo, discover
+from curation.ledger import Ledger
+from curation.thresholds import apply_thresholds
+from curation.video_task import video_row
+
+log = logging.getLogger(__name__)
+
+# Model-backed stages, in pipeline order: (import path, config section).
+STAGES = (("curation.text_area.TextArea", "text"),)
+
+
+@dataclass
+class Summary:
+    run_dir: Path
+    funnel: list[dict]
+    num_processed: int   # videos processed by this invocation (0 when everything was already done)
+
+
+def run_curation(config: CurationConfig, address: str | None = None, progress: bool = True) -> Summary:
+    if not config.inputs:
+        raise ValueError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
+    run_dir = Path(config.output)
+    ledger = Ledger(run_dir)
+    videos = discover(config.inputs, config.extensions)
+    done = ledger.finished_ids()
+    for v in videos:  # inputs that will never reach a decoder are accounted for right away
+        if v.skip_reason is not None and v.video_id not in done:
+            ledger.write_part(v.video_id, {**video_row(v.source, v.video_id, None), "status": "skipped",
+                                            "reason": v.skip_reason}, [])
+    todo = [v for v in videos if v.skip_reason is None and v.video_id not in done]
+    if todo:
+        _run_ray(config, todo, ledger, address, progress)
+    return finalize(config, ledger, [v.video_id for v in videos], processed=len(todo))
+
+
+def finalize(config: CurationConfig, ledger: Ledger, video_ids: list[str] | None, processed: int = 0) -> Summary:
+    """Consolidates the parts of these videos and applies the thresholds: no frame is decoded here."""
+    videos, clips = ledger.read_parts(video_ids)
+    if video_ids is not None and len(videos) != len(set(video_ids)):
+        missing = sorted(set(video_ids) - set(videos["video_id"]))
+        raise RuntimeError(f"{len(missing)} videos have no ledger entry (e.g. {missing[:3]}); re-run to resume")
+    clips, steps = apply_thresholds(clips, config.thresholds)
+    funnel = [
+        {"step": "input videos", "count": len(videos)},
+        {"step": "videos decoded", "count": int(videos["status"].isin(["ok", "no_clips"]).sum())},
+        {"step": "clips", "count": len(clips)},
+        *({"step": s.name, "count": s.count} for s in steps),
+    ]
+    ledger.write(videos, clips, funnel)
+    return Summary(ledger.run_dir, funnel, processed)
+
+
+def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, address: str | None, progress: bool) -> None:
+    import ray
+
+    from curation.ray_steps import StageActor, VideoActor
+
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        started = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # one bar of ours, counted in videos, is what people read
+        ctx.verbose_stats_logs = False
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        stage_cpus = sum(getattr(config, section).num_actors * getattr(config, section).num_cpus
+                         for _, section in STAGES if getattr(config, section).enabled)
+        num_decoders = config.decode.num_workers or max(1, int(cpus - stage_cpus))
+        ds = ray.data.from_items([{"video_id": v.video_id, "source": v.source} for v in todo],
+                                 override_num_blocks=len(todo))
+        ds = ds.flat_map(VideoActor, fn_constructor_kwargs={"config": config.model_dump(mode="json"),
+                                                            "clips_dir": str(Path(config.output).absolute() / "clips")},
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(num_decoders, len(todo))),
+                         num_cpus=1)
+        for path, section in STAGES:
+            stage_cfg = getattr(config, section)
+            if not stage_cfg.enabled:
+                continue
+            ds = ds.map_batches(StageActor, fn_constructor_kwargs={"stage_path": path, "config": stage_cfg.model_dump(mode="json")},
+                                batch_size=stage_cfg.batch_size, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(size=stage_cfg.num_actors),
+                                num_cpus=stage_cfg.num_cpus, num_gpus=stage_cfg.num_gpus)
+        ds = ds.drop_columns(["key_frames"])
+        _collect(ds, ledger, len(todo), progress)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _collect(ds, ledger: Ledger, num_videos: int, progress: bool) -> None:
+    """Groups rows by video and writes a video's part once its video row and all its clips arrived."""
+    from tqdm import tqdm
+
+    open_videos: dict[str, dict] = {}
+    bar = tqdm(total=num_videos, unit="video", desc="curate", disable=not progress, file=sys.stderr)
+    for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
+        for row in batch.to_dict("records"):
+            entry = open_videos.setdefault(row["video_id"], {"video": None, "clips": {}})
+            record = json.loads(row["record"])
+            if row["row_type"] == "video":
+                entry["video"] = record
+            else:
+                entry["clips"][row["clip_id"]] = _merge_stage_results(record, row)
+            video = entry["video"]
+            if video is not None and len(entry["clips"]) == (video.get("num_clips") or 0):
+                clips = sorted(entry["clips"].values(), key=lambda c: c["clip_index"])
+                ledger.write_part(row["video_id"], video, clips)
+                del open_videos[row["video_id"]]
+                bar.update(1)
+                bar.set_postfix_str(f"clips={sum(1 for c in clips if c['status'] == 'ok')} ok")
+    bar.close()
+    if open_videos:
+        raise RuntimeError(f"{len(open_videos)} videos did not come back complete from the pipeline "
+                           f"(e.g. {next(iter(open_videos))}); re-run the same command to retry them")
+
+
+def _merge_stage_results(record: dict, row: dict) -> dict:
+    for key, value in row.items():
+        if not key.startswith("stage_") or not isinstance(value, str) or not value:
+            continue
+        result = json.loads(value)
+        reason = result.pop("reason", None)
+        record.update(result)
+        if reason and record["status"] == "ok":
+            record.update(status="failed", reason=reason)
+    return record
+
+
+def print_funnel(summary: Summary, file=sys.stdout) -> None:
+    width = max(len(s["step"]) for s in summary.funnel)
+    print(f"\nfunnel ({summary.run_dir}):", file=file)
+    for s in summary.funnel:
+        print(f"  {s['step']:<{width}}  {s['count']:>7}", file=file)
+    print(f"ledger: {summary.run_dir / 'ledger' / 'clips.parquet'} (+ videos.parquet)", file=file)
+    print(f"clips:  {summary.run_dir / 'clips'}", file=file)
+
+
+def reasons_table(ledger: Ledger) -> pd.DataFrame:
+    """Counts per reason over videos and clips: what was lost, and why."""
+    videos, clips = ledger.read()
+    rows = [("video", r.split(":")[0]) for r in videos["reason"].dropna()]
+    rows += [("clip", r.split(":")[0]) for r in clips.loc[~clips["keep"], "decision"] if r]
+    return pd.DataFrame(rows, columns=["level", "reason"]).value_counts().rename("count").reset_index()

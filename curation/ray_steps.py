@@ -1,0 +1,110 @@
+"""The Ray side of curation: actors that wrap the per-video task and the scoring stages.
+
+Nothing here knows what a stage computes. Rows crossing Ray are kept to a fixed, simple shape so
+Arrow never has to guess types: ids and status as strings, the ledger record and each stage's
+results as JSON text, key frames as a tensor column.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from typing import Any
+
+import numpy as np
+import ray
+
+from curation.config import CurationConfig
+from curation.isolation import IsolatedWorker
+from curation.stage import ClipBatch, Stage
+from curation.video_task import prepare, process_video, video_row
+
+NO_FRAMES = np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, frames: np.ndarray = NO_FRAMES) -> dict:
+    return {"row_type": row_type, "video_id": video_id, "clip_id": clip_id, "status": status,
+            "record": json.dumps(record), "key_frames": frames}
+
+
+class VideoActor:
+    """Holds one isolated decode process; one input video in, its video row and clip rows out."""
+
+    def __init__(self, config: dict[str, Any], clips_dir: str) -> None:
+        self.config = CurationConfig.model_validate(config)
+        self.clips_dir = clips_dir
+        self.worker = IsolatedWorker()
+
+    def __call__(self, item: dict[str, Any]) -> list[dict]:
+        rows = self._process(item["source"], item["video_id"])
+        node = ray.get_runtime_context().get_node_id()
+        for row in rows[:1]:  # the video row comes first
+            row["record"] = json.dumps({**json.loads(row["record"]), "processed_on": node})
+        return rows
+
+    def _process(self, source: str, video_id: str) -> list[dict]:
+        decode = self.config.decode
+        probed = self.worker.call(prepare, source, decode.max_pixels, timeout_s=decode.probe_timeout_s)
+        if not probed.ok:
+            return [self._failed(source, video_id, f"probe_{probed.reason}")]
+        prepared = probed.value
+        try:
+            if prepared.reason is not None:
+                return [self._failed(source, video_id, prepared.reason)]
+            limit = decode.timeout_s + decode.timeout_per_video_s * max(prepared.info.duration_s, 0.0)
+            done = self.worker.call(process_video, source, video_id, prepared, self.config, self.clips_dir,
+                                    timeout_s=limit)
+            if not done.ok:
+                row = video_row(source, video_id, prepared.info)
+                return [_row("video", video_id, "", "failed", {**row, "status": "failed", "reason": f"decode_{done.reason}"})]
+        finally:
+            if prepared.temp_dir:
+                shutil.rmtree(prepared.temp_dir, ignore_errors=True)
+        out = done.value
+        rows = [_row("video", video_id, "", out.video["status"], out.video)]
+        for clip in out.clips:
+            rows.append(_row("clip", video_id, clip["clip_id"], clip["status"], clip,
+                             out.key_frames.get(clip["clip_id"], NO_FRAMES)))
+        return rows
+
+    def _failed(self, source: str, video_id: str, reason: str) -> dict:
+        return _row("video", video_id, "", "failed", {**video_row(source, video_id, None), "status": "failed", "reason": reason})
+
+    def __del__(self) -> None:
+        self.worker.close()
+
+
+class StageActor:
+    """Any `Stage` as a Ray Data batch function: scores the usable clips of a batch, passes other rows on."""
+
+    def __init__(self, stage_path: str, config: dict[str, Any]) -> None:
+        module, name = stage_path.rsplit(".", 1)
+        cls: type[Stage] = getattr(importlib.import_module(module), name)
+        self.stage = cls(cls.Config.model_validate(config))
+        self.stage.ensure_setup()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["clip_id"])
+        todo = [i for i in range(n) if batch["row_type"][i] == "clip" and batch["status"][i] == "ok"]
+        results = [""] * n
+        if todo:
+            res = self.stage(ClipBatch([str(batch["clip_id"][i]) for i in todo],
+                                       [np.asarray(batch["key_frames"][i]) for i in todo]))
+            for j, i in enumerate(todo):
+                entry = {col: _plain(values[j]) for col, values in res.scores.items()}
+                if res.reasons and res.reasons[j]:
+                    entry["reason"] = res.reasons[j]
+                results[i] = json.dumps(entry)
+        batch[f"stage_{self.stage.name}"] = np.array(results, dtype=object)
+        return batch
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v

@@ -1,0 +1,85 @@
+"""The two kinds of curation step.
+
+`FrameAnalyzer`: consumes the single low-resolution decode of a video frame by frame (cut detection,
+optical flow). It never holds more than a bounded window of frames.
+
+`Stage`: scores a batch of clips from their key frames (text area, CLIP, captions). It loads weights in
+`setup()` (once per worker), does no I/O of its own, and returns one score per clip, or a reason for a
+clip it could not score. Keeping or dropping is a separate threshold step over the stored scores.
+
+Shapes: frames are RGB uint8, H x W x 3; a clip's key frames are K x H x W x 3 (first, middle, last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from common.config import Config
+
+
+class FrameAnalyzer(Protocol):
+    def push(self, index: int, time_s: float, frame: np.ndarray) -> None:
+        """Frame `index` (decode order) shown at `time_s`, RGB at the decode's working size."""
+
+    def finish(self) -> Any:
+        """The analysis of the whole video, once every frame was pushed."""
+
+
+@dataclass
+class ClipBatch:
+    """Clips to score: ids and key frames (K x H x W x 3 uint8 RGB), in the same order."""
+
+    clip_ids: list[str]
+    key_frames: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+
+@dataclass
+class StageResult:
+    """One value per clip for each score column; `reasons[i]` is set when clip i could not be scored."""
+
+    scores: dict[str, list[Any]]
+    reasons: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        lengths = {len(v) for v in self.scores.values()} | ({len(self.reasons)} if self.reasons else set())
+        assert len(lengths) <= 1, f"every score column needs one value per clip, got lengths {lengths}"
+
+
+class StageConfig(Config):
+    """Settings every model-backed stage has: how it is batched and placed on a Ray actor pool."""
+
+    enabled: bool = True
+    batch_size: int = 16
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class Stage:
+    """A scoring step over clip batches. Subclasses set `name`, `Config`, `columns`, and implement
+    `setup` and `__call__`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    columns: ClassVar[tuple[str, ...]]  # the score columns this stage writes
+
+    def __init__(self, config: StageConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+        self._ready = False
+
+    def setup(self) -> None:
+        """Loads weights; called once per worker before the first batch."""
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def __call__(self, batch: ClipBatch) -> StageResult:
+        raise NotImplementedError

@@ -1,0 +1,193 @@
+"""Everything done to one video, inside the isolated worker process.
+
+probe -> one sequential low-resolution decode feeding the frame analyzers (cuts, optical flow) ->
+clip spans -> the clips' key frames (a second, targeted decode) -> clip files. The returned rows go
+to the ledger; key frames go on to the model stages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from curation.config import CurationConfig
+from curation.cuts import CutDetector, clip_spans
+from curation.inputs import is_url
+from curation.media import DecodeStats, MediaError, VideoInfo, decode_frames, probe, read_frames
+from curation.motion import MotionAnalyzer, clip_motion, motion_bucket
+
+
+@dataclass
+class Prepared:
+    local_path: str
+    info: VideoInfo | None
+    reason: str | None         # why the video cannot be used (probe failed)
+    temp_dir: str | None = None  # where a remote source was fetched; removed after processing
+
+
+@dataclass
+class VideoOutput:
+    video: dict
+    clips: list[dict] = field(default_factory=list)
+    key_frames: dict[str, np.ndarray] = field(default_factory=dict)  # clip_id -> K x H x W x 3
+
+
+def prepare(source: str, max_pixels: int) -> Prepared:
+    """Fetches a remote source to a local temporary file and probes it."""
+    temp_dir = None
+    local = source
+    if is_url(source):
+        import fsspec
+
+        temp_dir = tempfile.mkdtemp(prefix="lvd-fetch-")
+        local = os.path.join(temp_dir, "video" + os.path.splitext(source)[1])
+        try:
+            with fsspec.open(source, "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        except Exception as e:  # noqa: BLE001 - the reason goes to the ledger
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            return Prepared(local, None, f"fetch_error: {type(e).__name__}: {e}")
+    try:
+        return Prepared(local, probe(local, max_pixels=max_pixels), None, temp_dir)
+    except MediaError as e:
+        return Prepared(local, None, e.reason, temp_dir)
+
+
+def process_video(source: str, video_id: str, prepared: Prepared, config: CurationConfig, clips_dir: str) -> VideoOutput:
+    info = prepared.info
+    assert info is not None
+    cv2.setNumThreads(1)  # one worker process per CPU already; OpenCV's own threads would oversubscribe
+    t0 = time.monotonic()
+    video = video_row(source, video_id, info)
+    cuts = CutDetector(config.cuts, info.fps)
+    motion = MotionAnalyzer(config.motion, info.fps)
+    stats = DecodeStats()
+    try:
+        for index, time_s, frame in decode_frames(prepared.local_path, info, config.decode.short_side, stats):
+            cuts.push(index, time_s, frame)
+            motion.push(index, time_s, frame)
+    except MediaError as e:
+        return VideoOutput({**video, "status": "failed", "reason": e.reason, "num_corrupt": stats.num_corrupt})
+    times = np.asarray(stats.times_s, dtype=np.float64)
+    video.update(num_frames=stats.num_frames, num_corrupt=stats.num_corrupt)
+    if stats.num_frames < 2:
+        return VideoOutput({**video, "status": "failed", "reason": f"too_few_frames: {stats.num_frames} decoded"})
+
+    fps = _effective_fps(times, info.fps)
+    spans = clip_spans(cuts.finish(), fps, config.cuts)
+    samples = motion.finish()
+    usable = [s for s in spans if s.drop_reason is None]
+    wanted = sorted({i for s in usable for i in key_frame_indices(s.start, s.end)})
+    frames: dict[int, np.ndarray] = {}
+    key_frame_error = "key_frames: could not decode the clip's first/middle/last frame"
+    if wanted:
+        try:
+            frames = read_frames(prepared.local_path, info, wanted, stats.times_s, config.decode.key_frame_max_side)
+        except MediaError as e:
+            key_frame_error = f"key_frames: {e.reason}"
+
+    out = VideoOutput(video)
+    for n, span in enumerate(spans):
+        clip_id = f"{video_id}-{n:04d}"
+        row = clip_row(clip_id, video_id, source, n, span, times, fps, info)
+        if span.drop_reason is None:
+            score, num_pairs = clip_motion(samples, span.start, span.end)
+            row.update(motion_score=score, motion_pairs=num_pairs,
+                       motion_bucket=motion_bucket(score, config.motion) if score is not None else None)
+            keys = [frames.get(i) for i in key_frame_indices(span.start, span.end)]
+            if any(k is None for k in keys):
+                row.update(status="failed", reason=key_frame_error)
+            else:
+                out.key_frames[clip_id] = np.stack(_same_size(keys))
+                if score is None:
+                    row.update(status="failed", reason="motion: no frame pair at the motion fps inside the clip")
+        else:
+            row.update(status="dropped", reason=span.drop_reason)
+        out.clips.append(row)
+
+    if config.clips.mode != "none":
+        _write_clip_files(prepared.local_path, out.clips, Path(clips_dir) / video_id, config)
+    video.update(status="ok" if usable else "no_clips",
+                 reason=None if usable else (spans[0].drop_reason if spans else "no_clips: no frames"),
+                 num_clips=len(spans), num_usable_clips=len(usable), process_s=round(time.monotonic() - t0, 3))
+    return out
+
+
+def key_frame_indices(start: int, end: int) -> tuple[int, int, int]:
+    """First, middle and last frame of the clip [start, end)."""
+    return start, (start + end - 1) // 2, end - 1
+
+
+def video_row(source: str, video_id: str, info: VideoInfo | None) -> dict:
+    row = {"video_id": video_id, "source": source, "status": "ok", "reason": None}
+    if info is not None:
+        row.update(codec=info.codec, width=info.width, height=info.height, coded_width=info.coded_width,
+                   coded_height=info.coded_height, rotation=info.rotation, sar=info.sar, fps=info.fps,
+                   duration_s=info.duration_s, variable_frame_rate=info.variable_frame_rate,
+                   has_audio=info.has_audio, size_bytes=info.size_bytes)
+    return row
+
+
+def clip_row(clip_id: str, video_id: str, source: str, index: int, span, times: np.ndarray, fps: float, info: VideoInfo) -> dict:
+    start_s = float(times[span.start])
+    # the clip ends where its last frame stops being shown: the next frame's time, or one frame later
+    end_s = float(times[span.end]) if span.end < len(times) else float(times[span.end - 1]) + 1.0 / fps
+    return {
+        "clip_id": clip_id, "video_id": video_id, "source": source, "clip_index": index,
+        "start_frame": span.start, "end_frame": span.end, "num_frames": span.end - span.start,
+        "start_s": round(start_s, 6), "end_s": round(end_s, 6), "duration_s": round(end_s - start_s, 6),
+        "fps": fps, "width": info.width, "height": info.height, "boundary": span.boundary,
+        "status": "ok", "reason": None, "clip_path": None,
+    }
+
+
+def _effective_fps(times: np.ndarray, declared: float) -> float:
+    if len(times) > 1 and times[-1] > times[0]:
+        return float((len(times) - 1) / (times[-1] - times[0]))
+    return declared
+
+
+def _same_size(frames: list[np.ndarray]) -> list[np.ndarray]:
+    h, w = frames[0].shape[:2]
+    assert all(f.shape[:2] == (h, w) for f in frames), "key frames of one video share one size"
+    return frames
+
+
+def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config: CurationConfig) -> None:
+    """One ffmpeg per usable clip; written under a temporary name, then renamed, so a killed run
+    leaves no half-written clip behind under a final name."""
+    import imageio_ffmpeg
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in clips:
+        if row["status"] != "ok":
+            continue
+        final = out_dir / f"{row['clip_id']}.mp4"
+        tmp = out_dir / f".{row['clip_id']}.tmp.mp4"
+        if config.clips.mode == "copy":
+            # input seeking with stream copy starts at the keyframe at or before start_s (SVD's cut)
+            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
+                    "-t", f"{row['duration_s']:.6f}", "-map", "0:v:0", "-c", "copy", "-an", "-sn", "-dn",
+                    "-avoid_negative_ts", "make_zero", str(tmp)]
+        else:
+            # accurate seek, then exactly the clip's frames, re-encoded
+            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
+                    "-map", "0:v:0", "-frames:v", str(row["num_frames"]), "-c:v", "libx264",
+                    "-preset", config.clips.preset, "-crf", str(config.clips.crf), "-pix_fmt", "yuv420p",
+                    "-an", "-sn", "-dn", str(tmp)]
+        result = subprocess.run(args, capture_output=True, text=True)
+        if result.returncode != 0 or not tmp.exists() or tmp.stat().st_size == 0:
+            tmp.unlink(missing_ok=True)
+            row.update(status="failed", reason=f"clip_file: ffmpeg failed: {result.stderr.strip()[-200:]}")
+            continue
+        os.replace(tmp, final)
+        row["clip_path"] = str(final)

@@ -1,0 +1,1 @@
+"""One module per `lvd` subcommand; each exposes `register(subparsers)`."""

@@ -1,0 +1,48 @@
+"""`lvd curate`: raw videos -> scored clips, a ledger with every score and drop reason, and a funnel."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.commands.common_args import add_ray_args, add_recipe_args
+
+EPILOG = """examples:
+  lvd curate recipes/curation/default.yaml --set inputs=[videos/] --set output=runs/cur1
+  lvd curate recipes/curation/default.yaml --set output=runs/cur1 --rethreshold --set thresholds.motion_score.min=0.01
+  lvd curate recipes/curation/default.yaml --address ray://head:10001 --set inputs=[s3://bucket/raw/]
+
+Re-running the same command resumes: videos already in the ledger are skipped."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("curate", help="cut, score and filter raw videos into clips (Ray pipeline)",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_args(p)
+    add_ray_args(p)
+    p.add_argument("--rethreshold", action="store_true",
+                   help="only re-apply the recipe's thresholds to the existing ledger in the output folder "
+                        "(decodes nothing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.config import load_recipe
+    from common.runinfo import write_run_info
+    from curation.config import CurationConfig
+    from curation.ledger import Ledger
+    from curation.pipeline import finalize, print_funnel, run_curation
+
+    config = load_recipe(CurationConfig, args.recipe, args.overrides)
+    write_run_info(config.output, config, "curate", {"address": args.address, "rethreshold": args.rethreshold})
+    if args.rethreshold:
+        ledger = Ledger(config.output)
+        if not ledger.finished_ids():
+            print(f"lvd curate: no ledger parts in {config.output}; run without --rethreshold first", file=sys.stderr)
+            return 2
+        summary = finalize(config, ledger, None)
+    else:
+        summary = run_curation(config, address=args.address, progress=not args.no_progress)
+    print_funnel(summary)
+    return 0
