@@ -14,6 +14,10 @@ def _config_for(folder: str):
         from curation.config import CurationConfig
 
         return CurationConfig
+    if folder == "model":
+        from training.config import DiffusionConfig
+
+        return DiffusionConfig
     raise AssertionError(f"recipes/{folder}/ has no config class registered in this test; add it")
 
 

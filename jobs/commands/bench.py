@@ -7,7 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from jobs.commands.common_args import add_recipe_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Times, in one run, a plain decode of every video and the full CPU curation "
                                      "pipeline on the same videos with the same number of processes; prints the "
                                      "ratio, clips/s and peak memory.")
-    add_recipe_args(c)
-    c.set_defaults(recipe="recipes/curation/default.yaml")
+    c.add_argument("--recipe", default="recipes/curation/default.yaml", help="curation recipe (default: %(default)s)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting (repeatable)")
     c.add_argument("--inputs", nargs="*", default=None, help="videos to use (default: synthetic ones)")
     c.add_argument("--videos", type=int, default=6, help="number of synthetic videos (default 6)")
     c.add_argument("--seconds", type=float, default=20.0, help="length of each synthetic video (default 20)")

