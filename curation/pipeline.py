@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
 
 from curation.config import CurationConfig
 from curation.inputs import InputVideo, discover
@@ -34,6 +34,7 @@ class Summary:
     run_dir: Path
     funnel: list[dict]
     num_processed: int   # videos processed by this invocation (0 when everything was already done)
+    reasons: dict[str, int] = field(default_factory=dict)  # why videos failed and clips were not kept
 
 
 def run_curation(config: CurationConfig, address: str | None = None, progress: bool = True) -> Summary:
@@ -67,7 +68,22 @@ def finalize(config: CurationConfig, ledger: Ledger, video_ids: list[str] | None
         *({"step": s.name, "count": s.count} for s in steps),
     ]
     ledger.write(videos, clips, funnel)
-    return Summary(ledger.run_dir, funnel, processed)
+    reasons = Counter(f"video {reason_kind(r)}" for r in videos["reason"].dropna())
+    reasons.update(f"clip {reason_kind(d)}" for d in clips.loc[~clips["keep"], "decision"])
+    return Summary(ledger.run_dir, funnel, processed, dict(reasons.most_common()))
+
+
+def reason_kind(reason: str) -> str:
+    """A reason without its numbers: "motion_score 0.001 < min 0.002" -> "motion_score < min",
+    "dropped: too_short: 1.2 s < ..." -> "dropped: too_short", "decode_timeout: ..." -> "decode_timeout"."""
+    if reason.startswith(("dropped: ", "failed: ")):
+        status, rest = reason.split(": ", 1)
+        return f"{status}: {rest.split(':', 1)[0]}"
+    if reason.endswith(": missing score"):
+        return reason
+    if ":" in reason.split(" ", 1)[0] or " " not in reason:
+        return reason.split(":", 1)[0]
+    return re.sub(r"\s+", " ", re.sub(r"(?<![\w%])-?[\d.]+(e-?\d+)?(?![\w%])", "", reason)).strip()
 
 
 def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, address: str | None, progress: bool) -> None:
@@ -102,7 +118,7 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
             if not stage_cfg.enabled:
                 continue
             ds = ds.map_batches(StageActor, fn_constructor_kwargs={"stage_path": path, "config": stage_cfg.model_dump(mode="json")},
-                                batch_size=stage_cfg.batch_size, batch_format="numpy",
+                                batch_size=stage_cfg.batch_size, batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=stage_cfg.num_actors),
                                 num_cpus=stage_cfg.num_cpus, num_gpus=stage_cfg.num_gpus)
         ds = ds.drop_columns(["key_frames"])
@@ -156,13 +172,9 @@ def print_funnel(summary: Summary, file=sys.stdout) -> None:
     print(f"\nfunnel ({summary.run_dir}):", file=file)
     for s in summary.funnel:
         print(f"  {s['step']:<{width}}  {s['count']:>7}", file=file)
+    if summary.reasons:
+        print("why videos failed and clips were not kept:", file=file)
+        for kind, count in summary.reasons.items():
+            print(f"  {count:>7}  {kind}", file=file)
     print(f"ledger: {summary.run_dir / 'ledger' / 'clips.parquet'} (+ videos.parquet)", file=file)
     print(f"clips:  {summary.run_dir / 'clips'}", file=file)
-
-
-def reasons_table(ledger: Ledger) -> pd.DataFrame:
-    """Counts per reason over videos and clips: what was lost, and why."""
-    videos, clips = ledger.read()
-    rows = [("video", r.split(":")[0]) for r in videos["reason"].dropna()]
-    rows += [("clip", r.split(":")[0]) for r in clips.loc[~clips["keep"], "decision"] if r]
-    return pd.DataFrame(rows, columns=["level", "reason"]).value_counts().rename("count").reset_index()

@@ -13,19 +13,17 @@ import shutil
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from curation.config import CurationConfig
 from curation.isolation import IsolatedWorker
 from curation.stage import ClipBatch, Stage
-from curation.video_task import prepare, process_video, video_row
+from curation.video_task import decode_jpegs, prepare, process_video, video_row
 
-NO_FRAMES = np.zeros((0, 0, 0, 3), np.uint8)
-
-
-def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, frames: np.ndarray = NO_FRAMES) -> dict:
+def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, frames: list[bytes] | None = None) -> dict:
     return {"row_type": row_type, "video_id": video_id, "clip_id": clip_id, "status": status,
-            "record": json.dumps(record), "key_frames": frames}
+            "record": json.dumps(record), "key_frames": frames or []}
 
 
 class VideoActor:
@@ -65,7 +63,7 @@ class VideoActor:
         rows = [_row("video", video_id, "", out.video["status"], out.video)]
         for clip in out.clips:
             rows.append(_row("clip", video_id, clip["clip_id"], clip["status"], clip,
-                             out.key_frames.get(clip["clip_id"], NO_FRAMES)))
+                             out.key_frames.get(clip["clip_id"])))
         return rows
 
     def _failed(self, source: str, video_id: str, reason: str) -> dict:
@@ -84,20 +82,21 @@ class StageActor:
         self.stage = cls(cls.Config.model_validate(config))
         self.stage.ensure_setup()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["clip_id"])
-        todo = [i for i in range(n) if batch["row_type"][i] == "clip" and batch["status"][i] == "ok"]
-        results = [""] * n
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # Arrow in, Arrow out: the JPEG key frames pass through untouched for the next stage.
+        row_type, status, clip_ids = (batch.column(c).to_pylist() for c in ("row_type", "status", "clip_id"))
+        todo = [i for i in range(batch.num_rows) if row_type[i] == "clip" and status[i] == "ok"]
+        results = [""] * batch.num_rows
         if todo:
-            res = self.stage(ClipBatch([str(batch["clip_id"][i]) for i in todo],
-                                       [np.asarray(batch["key_frames"][i]) for i in todo]))
+            key_frames = batch.column("key_frames")
+            res = self.stage(ClipBatch([clip_ids[i] for i in todo],
+                                       [decode_jpegs(key_frames[i].as_py()) for i in todo]))
             for j, i in enumerate(todo):
                 entry = {col: _plain(values[j]) for col, values in res.scores.items()}
                 if res.reasons and res.reasons[j]:
                     entry["reason"] = res.reasons[j]
                 results[i] = json.dumps(entry)
-        batch[f"stage_{self.stage.name}"] = np.array(results, dtype=object)
-        return batch
+        return batch.append_column(f"stage_{self.stage.name}", pa.array(results, pa.string()))
 
 
 def _plain(v: Any) -> Any:

@@ -99,16 +99,18 @@ def fade_through_black(scene_len: int, fade_len: int, h: int = 144, w: int = 256
     yield from b[fade_len:]
 
 
-def rendered_text(num_frames: int, h: int = 144, w: int = 256, lines: tuple[str, ...] = ("BREAKING NEWS", "LIVE 24/7")) -> Iterator[np.ndarray]:
-    """Large black text on a light background: a large text area."""
+def rendered_text(num_frames: int, h: int = 144, w: int = 256, lines: tuple[str, ...] = ("BREAKING NEWS", "LIVE 24/7"),
+                  scroll: float = 0.0) -> Iterator[np.ndarray]:
+    """Large black text on a light background: a large text area. `scroll` moves the text down by that
+    many pixels per frame (wrapping), so the clip has motion too."""
     frame = np.full((h, w, 3), 235, np.uint8)
     scale = w / 260
     for i, line in enumerate(lines):
         y = int(h * (i + 1) / (len(lines) + 1)) + int(10 * scale)
         cv2.putText(frame, line, (int(8 * scale), y), cv2.FONT_HERSHEY_SIMPLEX, 0.9 * scale, (0, 0, 0),
                     max(1, int(2 * scale)), cv2.LINE_AA)
-    for _ in range(num_frames):
-        yield frame
+    for i in range(num_frames):
+        yield np.roll(frame, int(i * scroll), axis=0) if scroll else frame
 
 
 def flat_grey(num_frames: int, h: int = 144, w: int = 256, level: int = 128) -> Iterator[np.ndarray]:
@@ -150,7 +152,7 @@ def write_demo_set(out_dir: str | Path, fps: float = 24.0) -> list[Path]:
         write_video(out / "moving_square.mp4", moving_square(n, speed=5), fps),
         write_video(out / "static.mp4", static_frame(n), fps),
         write_video(out / "three_shots.mp4", hard_cuts([int(fps * 3), int(fps * 6)], int(fps * 9)), fps),
-        write_video(out / "news_text.mp4", rendered_text(n, h=288, w=512), fps),
+        write_video(out / "news_text.mp4", rendered_text(n, h=288, w=512, scroll=2.0), fps),
         write_video(out / "fade.mp4", fade_through_black(int(fps * 3), int(fps // 2)), fps),
         write_video(out / "flat_grey.mp4", flat_grey(n), fps),
     ]
