@@ -7,6 +7,7 @@ becomes a failure reason, the child is replaced, and the run goes on.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import signal
 import traceback
@@ -20,6 +21,10 @@ class Outcome:
     ok: bool
     value: Any = None     # the function's return value when ok
     reason: str = ""      # why not, when not ok: "timeout: ...", "crash: ...", "error: ..."
+
+
+def _import(module: str) -> None:
+    importlib.import_module(module)
 
 
 def _serve(conn) -> None:  # the child's loop: one call at a time until the pipe closes
@@ -36,10 +41,14 @@ def _serve(conn) -> None:  # the child's loop: one call at a time until the pipe
 
 
 class IsolatedWorker:
-    """One child process serving calls; `call` never raises for what happens inside the child."""
+    """One child process serving calls; `call` never raises for what happens inside the child.
 
-    def __init__(self, start_method: str = "spawn") -> None:
+    A fresh child first imports the called function's module under `startup_timeout_s`, so a call's
+    own limit measures the work (a 5 s probe limit is not eaten by interpreter start and imports)."""
+
+    def __init__(self, start_method: str = "spawn", startup_timeout_s: float = 120.0) -> None:
         self._ctx = mp.get_context(start_method)
+        self._startup_timeout_s = startup_timeout_s
         self._proc = None
         self._conn = None
 
@@ -53,6 +62,12 @@ class IsolatedWorker:
     def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float, **kwargs: Any) -> Outcome:
         if self._proc is None or not self._proc.is_alive():
             self._start()
+            warm = self._send(_import, (fn.__module__,), {}, self._startup_timeout_s)
+            if not warm.ok:
+                return Outcome(False, reason=f"crash: worker process did not start ({warm.reason})")
+        return self._send(fn, args, kwargs, timeout_s)
+
+    def _send(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout_s: float) -> Outcome:
         try:
             self._conn.send((fn, args, kwargs))
             if not self._conn.poll(timeout_s):

@@ -12,8 +12,9 @@ time limit.
 
 Frames come out RGB uint8, H x W x 3, upright and with square pixels: the sample aspect ratio is applied
 (the width is stretched, as players do) and then the display rotation. Scaling happens in swscale on the
-decoded YUV frame (area filter, single-threaded: the decoder already uses the cores), 4-5x faster than
-converting the full frame to RGB and resizing it with cv2 (1080p to short side 128: ~170 vs ~35 fps).
+decoded YUV frame (area filter, one thread: at these output sizes swscale's threads cost more than they
+save, 690 vs 410 fps), 4-5x faster than converting the full frame to RGB and resizing it with cv2
+(1080p to short side 128, decode included: ~170 vs ~35 fps).
 
 Times are in seconds from the first video frame (`VideoInfo.start_time_s`), so frame 0 is at 0.0 even in
 a stream that starts late; they come from the frames' own timestamps, so variable frame rate is exact.
@@ -314,7 +315,7 @@ def _container_says_vfr(stream: av.video.stream.VideoStream) -> bool:
 
 
 def decode_frames(path: str, info: VideoInfo, short_side: int, stats: DecodeStats,
-                  max_corrupt_fraction: float = 0.2, min_frames: int = DEFAULT_MIN_FRAMES, threads: int = 0,
+                  max_corrupt_fraction: float = 0.2, min_frames: int = DEFAULT_MIN_FRAMES, threads: int = 1,
                   ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Decodes every frame once, in order: yields (index, time_s, RGB frame with short side `short_side`).
 
@@ -325,10 +326,12 @@ def decode_frames(path: str, info: VideoInfo, short_side: int, stats: DecodeStat
     when fewer than `min_frames` decode. Both can come after frames were yielded: the caller drops the
     partial analysis.
 
-    `threads`: 0 lets ffmpeg use frame and slice threads on every core (fastest for one video on an
-    idle machine); 1 decodes on one core, which costs 15-25% less CPU per frame and is the better choice
-    when one decode per core runs in parallel. Measured on 1080p H.264 at short side 128 on 2 shared,
-    busy cores: threads=1 3.4-3.6 ms CPU per frame, 210-220 fps; threads=0 4.1-4.5 ms, 140-170 fps.
+    `threads`: 1 (the default) decodes on one core: the pipeline runs one decode per core, a frame costs
+    15-25% less CPU than with threads, and damaged streams decode the same way every time (with frame
+    threads, error concealment depends on thread timing, so concealed frames differ from run to run).
+    0 lets ffmpeg use frame and slice threads on every core, for one video on an otherwise idle machine.
+    Measured on 1080p H.264 at short side 128 on 2 shared, busy cores: threads=1 3.4-3.6 ms CPU per
+    frame, 210-220 fps; threads=0 (thread_type AUTO) 4.1-4.5 ms, 140-170 fps.
     """
     out_w, out_h = info.size_for_short_side(short_side)
     with _open(path, _decode_max_pixels(info)) as container:
@@ -345,7 +348,7 @@ def decode_frames(path: str, info: VideoInfo, short_side: int, stats: DecodeStat
 
 
 def read_frames(path: str, info: VideoInfo, indices: Sequence[int], times_s: Sequence[float], max_side: int,
-                seek: bool = True, seek_min_gap_s: float = DEFAULT_SEEK_MIN_GAP_S, threads: int = 0,
+                seek: bool = True, seek_min_gap_s: float = DEFAULT_SEEK_MIN_GAP_S, threads: int = 1,
                 ) -> dict[int, np.ndarray]:
     """The second pass: the frames with these decode indices, RGB upright, long side <= `max_side`.
 
@@ -382,7 +385,7 @@ class _KeyFrameReader:
     """One second pass over a video, for `read_frames`."""
 
     def __init__(self, path: str, info: VideoInfo, times_s: Sequence[float], out_w: int, out_h: int,
-                 seek_min_gap_s: float, threads: int = 0):
+                 seek_min_gap_s: float, threads: int = 1):
         self.path, self.info, self.times_s = path, info, times_s
         self.threads = threads
         self.out_w, self.out_h = out_w, out_h
@@ -405,18 +408,21 @@ class _KeyFrameReader:
         differs from concealment in a continuous decode)."""
         pending = list(reversed(wanted))  # pop() gives the next wanted index
         after_seek = DecodeStats()  # errors since the first seek
+        sought = -1  # the target of the last seek: one seek per target, even if it lands short
         with _open(self.path, _decode_max_pixels(self.info)) as container:
             stream = _video_stream(container)
             _set_threads(stream, self.threads)
             frames = _decoded(container, stream, self.info, DecodeStats(), max_corrupt_fraction=1.0)
             index: int | None = -1  # the index of the last frame seen; None right after a seek
-            sought = -1  # the target of the last seek: one seek per target, even if it lands short
             while pending:
                 target = pending[-1]
                 if allow_seek and index is not None and target != sought and self._should_seek(stream, index, target):
                     self.num_seeks += 1
                     ts = round((self.times_s[target] + self.info.start_time_s) / stream.time_base)
-                    container.seek(ts, stream=stream, backward=True)
+                    try:
+                        container.seek(ts, stream=stream, backward=True)
+                    except (av.error.FFmpegError, OSError):
+                        return False
                     frames = _decoded(container, stream, self.info, after_seek, max_corrupt_fraction=1.0)
                     index, sought = None, target
                 try:
@@ -426,6 +432,10 @@ class _KeyFrameReader:
                 if after_seek.num_corrupt or after_seek.num_concealed:
                     return False
                 if index is None:
+                    # Frames before the key frame a seek landed on are leading pictures of an open GOP:
+                    # they lack their references now, so they cannot stand for the first pass's frames.
+                    if not frame.key_frame:
+                        continue
                     index = self._match(raw_time_s)
                     # Unplaceable, or past the target (a seek lands at or before it unless the container
                     # index lies, and then frames in between would be skipped).
@@ -438,6 +448,8 @@ class _KeyFrameReader:
                 if pending and pending[-1] == index:
                     found[index] = _to_rgb(frame, self.out_w, self.out_h, self.info.rotation)
                     pending.pop()
+        if sought >= 0 and pending:  # ran out of frames after a seek: let the sequential read decide
+            return False
         return not (after_seek.num_corrupt or after_seek.num_concealed)
 
     def _should_seek(self, stream: av.video.stream.VideoStream, index: int, target: int) -> bool:
@@ -490,6 +502,8 @@ def _decoded(container: av.container.InputContainer, stream: av.video.stream.Vid
             stats.num_packets += 1
         try:
             frames = stream.decode(packet)
+        except av.error.EOFError:  # a second flush after the decoder already drained: nothing lost
+            continue
         except av.error.FFmpegError as e:
             stats.num_corrupt += 1
             stats.first_error = stats.first_error or _message(e)
@@ -521,11 +535,21 @@ def _packets(container: av.container.InputContainer, stream: av.video.stream.Vid
     mid-file ends the stream there, counted as one corrupt packet, with None to flush the decoder, so
     the frames already read are kept."""
     packets = container.demux(stream)
+    num_restarts = 0
     while True:
         try:
             packet = next(packets)
         except StopIteration:
             return
+        except IndexError:
+            # A stream that appears mid-file (MPEG-TS can announce one late) is unknown to PyAV's demux
+            # loop, which then fails on its packet; a fresh demux loop knows the stream count again and
+            # goes on from the same position.
+            num_restarts += 1
+            if num_restarts > 16:
+                raise MediaError("decode_error: demux: streams keep appearing mid-file") from None
+            packets = container.demux(stream)
+            continue
         except (av.error.FFmpegError, OSError) as e:
             if stats is not None:
                 stats.num_corrupt += 1
@@ -547,7 +571,11 @@ def _to_rgb(frame: av.VideoFrame, width: int, height: int, rotation: int) -> np.
     work is on the small picture."""
     if rotation in (90, 270):
         width, height = height, width
-    rgb = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA", threads=1)
+    try:
+        rgb = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="AREA", threads=1)
+    except (av.error.FFmpegError, ValueError) as e:  # a pixel format swscale cannot convert
+        fmt = frame.format.name if frame.format is not None else "unknown"
+        raise MediaError(f"unsupported_pixel_format: {fmt} {frame.width}x{frame.height}: {_message(e)}") from None
     if rotation:
         rgb = np.rot90(rgb, k=-(rotation // 90))  # np.rot90 turns counterclockwise for positive k
     return np.ascontiguousarray(rgb)

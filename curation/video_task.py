@@ -90,7 +90,8 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
     key_frame_error = "key_frames: could not decode the clip's first/middle/last frame"
     if wanted:
         try:
-            frames = read_frames(prepared.local_path, info, wanted, stats.times_s, config.decode.key_frame_max_side)
+            frames = read_frames(prepared.local_path, info, wanted, stats.times_s, config.decode.key_frame_max_side,
+                                 seek=stats.seek_safe)
         except MediaError as e:
             key_frame_error = f"key_frames: {e.reason}"
 

@@ -299,6 +299,13 @@ def test_corrupt_packets_are_counted_and_decoding_goes_on(corpus):
     keys = read_frames(path, info, wanted, stats.times_s, max_side=64, seek=stats.seek_safe)
     for i in wanted:
         assert mean_abs_diff(cv2.resize(keys[i], frames[i].shape[1::-1], interpolation=cv2.INTER_AREA), frames[i]) < 3.0
+    # Asked to seek anyway, the second pass notices the errors after its seek and reads sequentially.
+    out_w, out_h = info.size_for_long_side(64)
+    reader = media._KeyFrameReader(path, info, stats.times_s, out_w, out_h, seek_min_gap_s=0.5)
+    found: dict[int, np.ndarray] = {}
+    reader.read(wanted, found)
+    assert reader.num_seeks >= 1 and reader.num_fallbacks == 1
+    assert all(np.array_equal(found[i], keys[i]) for i in wanted)
     # Too much damage for the caller's tolerance ends the decode with a reason.
     with pytest.raises(MediaError, match=r"^decode_error: \d+ of \d+ packets failed"):
         decode_all(path, info, max_corrupt_fraction=0.01)
@@ -336,3 +343,11 @@ def test_decode_can_stop_early_and_reports_the_frames_seen(corpus):
             break
     gen.close()  # closes the container; nothing more is decoded
     assert stats.num_frames == 10 and not math.isnan(stats.times_s[-1])
+
+
+def test_threaded_decode_gives_the_same_frames_on_intact_video(corpus):
+    info = probe(str(corpus["valid"]))
+    threaded, _ = decode_all(corpus["valid"], info, threads=0)
+    single, _ = decode_all(corpus["valid"], info)
+    assert len(single) == len(threaded) == BASE_FRAMES
+    assert all(np.array_equal(a, b) for a, b in zip(single, threaded))

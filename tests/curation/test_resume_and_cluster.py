@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -71,6 +72,13 @@ def test_killed_run_resumes_to_the_same_ledger_as_a_clean_run(tmp_path):
     subprocess.run([*cmd, "--set", f"output={tmp_path / 'clean'}"], cwd=REPO, env=env, check=True, timeout=600,
                    capture_output=True)
     _assert_same_ledger(killed_dir, tmp_path / "clean")
+    # every run leaves its resolved config, package versions and git revision beside its outputs
+    info = json.loads((killed_dir / "run.json").read_text())
+    assert info["command"] == "curate" and info["packages"]["ray"] == "2.60.0" and info["git_revision"]
+    assert yaml.safe_load((killed_dir / "config.yaml").read_text())["output"] == str(killed_dir)
+    # and clip files exist for every usable clip (copy mode)
+    _, clips = Ledger(killed_dir).read()
+    assert all(Path(p).is_file() for p in clips.loc[clips["status"] == "ok", "clip_path"])
     # no half-written files were left behind by the kill
     assert not list(killed_dir.rglob(".*.tmp*"))
 
