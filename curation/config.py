@@ -24,7 +24,8 @@ class DecodeConfig(Config):
     timeout_per_video_s: float = 2.0
     probe_timeout_s: float = 30.0
     max_pixels: int = 4096 * 4096  # larger frames are refused (a decompression bomb costs memory per frame)
-    num_workers: int | None = None  # decode actors; None = one per CPU of the cluster
+    num_workers: int | None = None  # decode actors; None = as many as fit beside the stage actors
+    num_cpus: float = 1.0           # Ray CPUs each decode actor reserves (below 1 packs them beside light stages)
 
     @pydantic.field_validator("short_side", "key_frame_max_side")
     @classmethod

@@ -106,13 +106,13 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         stage_cpus = sum(getattr(config, section).num_actors * getattr(config, section).num_cpus
                          for _, section in STAGES if getattr(config, section).enabled)
-        num_decoders = config.decode.num_workers or max(1, int(cpus - stage_cpus))
+        num_decoders = config.decode.num_workers or max(1, int((cpus - stage_cpus) / config.decode.num_cpus + 1e-9))
         ds = ray.data.from_items([{"video_id": v.video_id, "source": v.source} for v in todo],
                                  override_num_blocks=len(todo))
         ds = ds.flat_map(VideoActor, fn_constructor_kwargs={"config": config.model_dump(mode="json"),
                                                             "clips_dir": str(Path(config.output).absolute() / "clips")},
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(num_decoders, len(todo))),
-                         num_cpus=1)
+                         num_cpus=config.decode.num_cpus)
         for path, section in STAGES:
             stage_cfg = getattr(config, section)
             if not stage_cfg.enabled:

@@ -18,6 +18,10 @@ def _config_for(folder: str):
         from training.config import DiffusionConfig
 
         return DiffusionConfig
+    if folder == "train":
+        from training.train_config import TrainConfig
+
+        return TrainConfig
     raise AssertionError(f"recipes/{folder}/ has no config class registered in this test; add it")
 
 

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes on each side (default: all cores)")
     c.set_defaults(run=run_curate)
 
+    from jobs.commands.train import register_bench as register_train_bench
+
+    register_train_bench(which)
+
 
 def run_curate(args: argparse.Namespace) -> int:
     from common.config import load_recipe

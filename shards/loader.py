@@ -1,0 +1,567 @@
+"""The streaming loader for training: planned batches (shards/plan.py), read by ranged reads (shards/reader.py),
+decoded in torch DataLoader workers, with a state that resumes exactly.
+
+    loader = ShardLoader(LoaderConfig(shards="s3://bucket/shards", query="aesthetic >= 5", batch_size=8))
+    for batch in loader:                 # endless unless config.epochs is set
+        ...
+        ckpt["data"] = loader.state_dict()
+    loader.load_state_dict(ckpt["data"])  # the next batch is the one the uninterrupted run would have produced
+
+A batch (output="tensors") is a dict:
+    kind            "video" | "image" | "latents"   (one kind and one shape per batch)
+    key             list of B sample keys (clip ids)
+    frames_BTCHW    uint8 RGB, video (T = the bucket's frame count) and image batches (T = 1)
+    latents_BTCHW   float, latents batches (precomputed, as stored)
+    text_BLD        float, when every sample of the batch has precomputed text embeddings
+    caption         list of B strings (one caption drawn per sample by its weight; "" when none)
+    fps_B           float: the rate frames were sampled at (0 for image batches)
+    motion_bucket_B float: the manifest's motion_bucket (NaN where absent)
+    is_image_B      bool
+    scores          {score column: float B tensor} for every score in the manifest
+    meta            list of B dicts: the sample json (every ledger column of the clip), when read_json
+    epoch, batch_index, worker, num_corrupt, state   bookkeeping (state is what state_dict() returns after it)
+(output="raw": kind, key, files = per sample {extension: bytes-like}, num_bytes, and the bookkeeping.)
+
+Letters: B batch, T frames, C channels, H x W pixels, L text tokens, D text width.
+
+Only the members a batch needs are read (the manifest knows where each lies): a latents batch never reads
+the mp4, an image batch reads one jpg. Big tensors are written straight into the batch's memory (a reused
+shared-memory slot in a DataLoader worker, copied out once in the training process).
+Corrupt samples (a truncated shard, undecodable media, a member whose crc32 differs when verify_samples) are
+skipped with a warning and counted; the batch keeps its shape by repeating its good samples (or, when none
+is good, the next good samples of the same bucket in the plan), so every rank still yields the same number
+of batches, and a resumed run substitutes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.config import LoaderConfig
+from shards.decode import decode_image, decode_window
+from shards.manifest import Manifest
+from shards.plan import IMAGE, LATENTS, VIDEO, Bucket, SubsetPlanner
+from shards.reader import SampleReader, coalesce
+from shards.tario import SampleFormatError, crc32, parse_sample
+
+log = logging.getLogger("lvd.shards")
+STATE_FORMAT = 1
+MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "text.safetensors")
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    # SampleFormatError, DecodeError and JSONDecodeError are ValueErrors; KeyError: a member is missing.
+    return (ValueError, KeyError, OSError, SafetensorError)
+
+
+# What a bad sample can raise while being read or decoded; anything else is a bug and propagates.
+CORRUPT = _corrupt_errors()
+
+
+def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): given, or from torch.distributed. Loud where a silent default would duplicate
+    data: several processes with no split is an error, not every rank reading the same samples."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        r, w = dist.get_rank(), dist.get_world_size()
+        if (rank is not None and rank != r) or (world_size is not None and world_size != w):
+            raise ValueError(f"rank/world_size ({rank}/{world_size}) disagree with torch.distributed ({r}/{w}); "
+                             "pass none to use the process group's")
+        return r, w
+    if rank is None and world_size is None:
+        env = int(os.environ.get("WORLD_SIZE", "1"))
+        if env > 1:
+            raise ValueError(f"WORLD_SIZE={env} but torch.distributed is not initialised and no rank/world_size was "
+                             "given: every rank would read the same samples. Initialise the process group first "
+                             "or pass rank= and world_size=")
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError(f"pass both rank and world_size (got rank={rank}, world_size={world_size})")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
+    return rank, world_size
+
+
+class BatchMaker:
+    """Turns a planned batch (subset positions) into a batch dict: reads, decodes, substitutes bad samples.
+    Decoded frames and loaded tensors are written straight into the batch's rows (no per-sample tensors,
+    no torch ops: torch's CPU kernels contend for cores with the training process)."""
+
+    def __init__(self, manifest: Manifest, planner: SubsetPlanner, config: LoaderConfig) -> None:
+        self.config = config
+        self.planner = planner
+        rows = planner.rows
+        frame = manifest.samples.iloc[rows].reset_index(drop=True)
+        # flat arrays, not a dict per sample: forked workers share them without copying millions of objects
+        self.keys = frame["key"].to_numpy(dtype=object)
+        self.shard_names, self.shard_of = np.unique(frame["shard"].to_numpy(dtype=object).astype(str),
+                                                    return_inverse=True)
+        self.offset = frame["offset"].to_numpy(dtype=np.int64)
+        self.size = frame["size_bytes"].to_numpy(dtype=np.int64)
+        self.crc = frame["crc32"].to_numpy(dtype=np.int64)
+        self.members = {ext: manifest.member_ranges(rows, ext) for ext in MEMBER_FILES}
+        self.width = frame["width"].to_numpy(dtype=np.int64)
+        self.height = frame["height"].to_numpy(dtype=np.int64)
+        self.duration = frame["duration_s"].to_numpy(dtype=float, na_value=np.nan)
+        self.motion_bucket = (frame["motion_bucket"].to_numpy(dtype=float, na_value=np.nan)
+                              if "motion_bucket" in frame else np.full(len(frame), np.nan))
+        self.scores = {c: frame[c].to_numpy(dtype=float, na_value=np.nan) for c in manifest.score_columns}
+        self.captions = frame["captions"].to_numpy(dtype=object) if "captions" in frame else None
+        self.reader = SampleReader(manifest.root)
+
+    def make(self, epoch: int, j: int) -> dict[str, Any]:
+        plan = self.planner.plan(epoch)
+        bucket_id, items = plan.batch(j)
+        bucket = self.planner.buckets[bucket_id]
+        rng = np.random.default_rng([self.config.seed, epoch, j, 0x5A])
+        draws = rng.random((len(items), 3))  # per slot: window start, stored frame, caption
+        out = _BatchRows(len(items), _worker_slots(self.config))
+        if self.config.output == "raw":  # one allocation for the whole batch's bytes
+            out.reserve_arena(int(self.size[items].sum()))
+        good: list[tuple[int, Any]] = []
+        for slot, pos in enumerate(items):
+            sample = self._try_load(int(pos), bucket, draws[slot], out, len(good))
+            if sample is not None:
+                good.append((int(pos), sample))
+        num_corrupt = len(items) - len(good)
+        if num_corrupt:
+            good = self._fill(good, len(items), plan, j, bucket_id, bucket, draws, out)
+        batch = self._collate(bucket, good, draws, out)
+        batch.update(epoch=epoch, batch_index=j, num_corrupt=num_corrupt)
+        if out.slots is not None:
+            batch["_in_slot"] = out.names()
+        return batch
+
+    def _try_load(self, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows", row: int) -> Any | None:
+        try:
+            if self.config.output == "raw":
+                return self._read_whole(pos, out)
+            return self._decode(pos, bucket, draw, out, row)
+        except CORRUPT as e:
+            log.warning("skipping corrupt sample %s (%s @ %d): %s", self.keys[pos], self.shard_names[self.shard_of[pos]],
+                        self.offset[pos], e)
+            return None
+
+    def _read_whole(self, pos: int, out: "_BatchRows") -> dict[str, Any]:
+        """Every member, as views of the batch's byte arena (bytes when crossing to another process)."""
+        shard = str(self.shard_names[self.shard_of[pos]])
+        data = self.reader.read_bytes(shard, int(self.offset[pos]), int(self.size[pos]), out.arena(int(self.size[pos])))
+        if self.config.verify_samples and crc32(data) != self.crc[pos]:
+            raise SampleFormatError(f"crc32 mismatch in {shard} at offset {self.offset[pos]}")
+        members = parse_sample(data, str(self.keys[pos]))
+        if get_worker_info() is not None:
+            return {ext: bytes(v) for ext, v in members.items()}
+        return members
+
+    def _read_members(self, pos: int, wanted: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, memoryview]:
+        """Only the members a batch needs (the latents and not the mp4, one frame jpg, ...), in as few reads as
+        their placement allows. Views of the reader's buffer: valid until its next read."""
+        names, ranges = [], []
+        for ext in wanted + optional:
+            off, size, _ = (a[pos] for a in self.members[ext])
+            if off < 0:
+                if ext in wanted:
+                    raise KeyError(f"sample {self.keys[pos]} has no {ext}")
+                continue
+            names.append(ext)
+            ranges.append((int(self.offset[pos] + off), int(size)))
+        spans = coalesce(ranges)
+        views = self.reader.read_spans(str(self.shard_names[self.shard_of[pos]]), [(o, n) for o, n, _ in spans])
+        members: dict[str, memoryview] = {}
+        for (s_off, _, inside), view in zip(spans, views):
+            for i in inside:
+                o, n = ranges[i]
+                members[names[i]] = view[o - s_off : o - s_off + n]
+        if self.config.verify_samples:
+            for ext, data in members.items():
+                if crc32(data) != self.members[ext][2][pos]:
+                    raise SampleFormatError(f"crc32 mismatch in member {ext}")
+        return members
+
+    def _decode(self, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows", row: int) -> dict[str, Any]:
+        """Writes the sample's frames or latents (and text) into row `row` of `out`; returns its json."""
+        optional = ("json", "text.safetensors") if self.config.read_json else ("text.safetensors",)
+        which = self.config.image_frame  # image batches: which stored frame
+        if which == "first_or_last":
+            which = "first" if draw[1] < 0.5 else "last"
+        if bucket.kind == LATENTS:
+            wanted = ("latents.safetensors",)
+        elif bucket.kind == VIDEO or self.members[f"{which}.jpg"][0][pos] < 0:
+            wanted = ("mp4",)  # (an image from shards without frame jpgs comes from the video)
+        else:
+            wanted = (f"{which}.jpg",)
+        members = self._read_members(pos, wanted, optional)
+        meta = json.loads(bytes(members["json"])) if "json" in members else {}
+        text = members.get("text.safetensors")
+        text_view = tensor_view(text, "text") if text is not None else None  # parsed first: a bad one is caught here
+        if bucket.kind == LATENTS:
+            dtype, shape, data = tensor_view(members["latents.safetensors"], "latents")
+            if tuple(shape) != bucket.shape:
+                raise ValueError(f"latents of shape {shape}, the manifest says {bucket.shape}")
+            out.put("latents", row, dtype, shape, np.frombuffer(data, np.uint8))
+        else:
+            _, h, w = bucket.shape
+            display = (int(self.width[pos]), int(self.height[pos]))
+            if bucket.kind == VIDEO:
+                t = bucket.shape[0]
+                start = 0.0
+                if self.config.clip_start == "random":
+                    start = float(draw[0] * max(0.0, self.duration[pos] - t / self.config.fps))
+                frames = decode_window(members["mp4"], start, t, self.config.fps, (h, w), display)
+            elif wanted == ("mp4",):
+                at = 0.0 if which == "first" else max(0.0, self.duration[pos] - 1e-3)
+                frames = decode_window(members["mp4"], at, 1, 1.0, (h, w), display)
+            else:
+                frames = decode_image(members[wanted[0]], (h, w))[None]
+            shape = (frames.shape[0], 3, h, w)  # T x C x H x W
+            out.put("frames", row, "U8", shape, frames.transpose(0, 3, 1, 2))
+        out.put_optional("text", row, text_view)
+        return meta
+
+    def _fill(self, good: list, size: int, plan, j: int, bucket_id: int, bucket: Bucket, draws: np.ndarray,
+              out: "_BatchRows") -> list:
+        """Keeps the batch at `size` samples: repeats the good ones; with none, takes the next good samples
+        of the same bucket in the plan (deterministic, so a resumed run fills the same way)."""
+        if not good:
+            for k in range(1, len(plan) + 1):
+                other_bucket, items = plan.batch((j + k) % len(plan))
+                if other_bucket != bucket_id:
+                    continue
+                for slot, pos in enumerate(items):
+                    if len(good) == size:
+                        break
+                    sample = self._try_load(int(pos), bucket, draws[slot % len(draws)], out, len(good))
+                    if sample is not None:
+                        good.append((int(pos), sample))
+                if len(good) == size:
+                    break
+            if not good:
+                raise RuntimeError(f"every sample of bucket {bucket} is corrupt; run `lvd shards verify` on "
+                                   f"{self.reader.root}")
+        out.repeat(len(good))
+        return [good[k % len(good)] for k in range(size)]
+
+    def _collate(self, bucket: Bucket, good: list[tuple[int, Any]], draws: np.ndarray, out: "_BatchRows") -> dict[str, Any]:
+        pos = np.array([p for p, _ in good], dtype=np.int64)
+        batch: dict[str, Any] = {"kind": bucket.kind, "key": [str(self.keys[p]) for p in pos]}
+        if self.config.output == "raw":
+            batch["files"] = [s for _, s in good]
+            batch["num_bytes"] = int(self.size[pos].sum())
+            return batch
+        if bucket.kind == LATENTS:
+            batch["latents_BTCHW"] = out.tensor("latents")
+        else:
+            batch["frames_BTCHW"] = out.tensor("frames")
+        if out.has("text"):
+            batch["text_BLD"] = out.tensor("text")
+        b = len(pos)
+        batch["caption"] = [self._caption(p, draws[k % len(draws), 2]) for k, p in enumerate(pos)]
+        # small per-sample values travel as numpy (pickled inline): a torch tensor from a worker would get a
+        # shared-memory segment and a file descriptor of its own; _small_to_torch makes them tensors at the end
+        batch["fps_B"] = np.full(b, 0.0 if bucket.kind == IMAGE else self.config.fps, np.float32)
+        batch["motion_bucket_B"] = self.motion_bucket[pos].astype(np.float32)
+        batch["is_image_B"] = np.full(b, bucket.kind == IMAGE)
+        batch["scores"] = {c: v[pos].astype(np.float32) for c, v in self.scores.items()}
+        if self.config.read_json:
+            batch["meta"] = [s for _, s in good]
+        return batch
+
+    def _caption(self, pos: int, u: float) -> str:
+        caps = self.captions[pos] if self.captions is not None else None
+        if caps is None or len(caps) == 0:
+            return ""
+        weights = np.array([max(0.0, float(c.get("weight") or 0.0)) for c in caps])
+        if weights.sum() <= 0:
+            weights = np.ones(len(caps))
+        k = int(np.searchsorted(np.cumsum(weights) / weights.sum(), u, side="right"))
+        return str(caps[min(k, len(caps) - 1)].get("text") or "")
+
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def tensor_view(data: memoryview, name: str) -> tuple[str, list[int], memoryview]:
+    """(dtype, shape, raw bytes) of the tensor `name` (or the only one) in a safetensors file, without a copy."""
+    n = int.from_bytes(data[:8], "little")
+    if not 0 < n < len(data):
+        raise ValueError(f"{name}.safetensors: bad header length {n}")
+    header = json.loads(bytes(data[8 : 8 + n]))
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    entry = tensors.get(name) or (next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if entry is None:
+        raise KeyError(f"{name}.safetensors holds {sorted(tensors)}, none named {name!r}")
+    dtype, shape = entry["dtype"], [int(v) for v in entry["shape"]]
+    begin, end = (8 + n + int(v) for v in entry["data_offsets"])
+    if dtype not in _DTYPES or end > len(data):
+        raise ValueError(f"{name}.safetensors: dtype {dtype} or data range {begin}..{end} not readable")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise ValueError(f"{name}.safetensors: {end - begin} data bytes for shape {shape} {dtype}")
+    return dtype, shape, data[begin:end]
+
+
+class _SlotPool:
+    """Shared-memory slots a DataLoader worker reuses for its batches' tensors, round robin.
+
+    Fresh shared memory for every batch costs a page fault per 4 KB (on a VM, more than the copy itself).
+    A slot is reused `count` batches later; the training process copies each batch out of its slot as it
+    receives it, and the DataLoader keeps at most prefetch_factor batches of a worker in flight, so with
+    count = prefetch_factor + 2 a slot is never written while its previous batch is still being read."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.storages: list[torch.UntypedStorage | None] = [None] * count
+        self.turn = -1
+        self.used = 0
+
+    def next_batch(self) -> None:
+        self.turn = (self.turn + 1) % self.count
+        self.used = 0
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        start = -(-self.used // 64) * 64
+        storage = self.storages[self.turn]
+        if storage is None or storage.nbytes() < start + nbytes:
+            # grow (rarely: a larger bucket); what the slot held so far stays valid in its old storage
+            storage = self.storages[self.turn] = torch.UntypedStorage._new_shared(max(2 * (start + nbytes), 1 << 20))
+            start = 0
+        self.used = start + nbytes
+        return torch.empty(0, dtype=torch.uint8).set_(storage, start, (nbytes,))
+
+
+_POOL: tuple[int, _SlotPool] | None = None
+
+
+def _worker_slots(config: LoaderConfig) -> _SlotPool | None:
+    """This DataLoader worker's slot pool (None in the training process itself)."""
+    global _POOL
+    if get_worker_info() is None:
+        return None
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), _SlotPool(config.prefetch_factor + 2))
+    pool = _POOL[1]
+    pool.next_batch()
+    return pool
+
+
+class _Recycler:
+    """Batch memory of the training process, reused once nothing refers to it any more.
+
+    A fresh buffer per batch costs the kernel zeroing its pages (and, without huge pages, a fault per 4 KB),
+    which is as much as the read itself. A buffer here is handed out again only when its reference count
+    says no tensor, array or view made from it is alive, so a batch the caller still holds is never reused."""
+
+    def __init__(self, max_buffers: int = 16) -> None:
+        self.max_buffers = max_buffers
+        self.buffers: list[np.ndarray] = []
+
+    def get(self, nbytes: int) -> np.ndarray:
+        for i in range(len(self.buffers)):
+            # 2 references: the list's and getrefcount's argument; anything more is a live batch
+            if self.buffers[i].nbytes >= nbytes and sys.getrefcount(self.buffers[i]) == 2:
+                return self.buffers[i][:nbytes]
+        buf = np.empty(nbytes, np.uint8)
+        if len(self.buffers) >= self.max_buffers:
+            idle = [i for i in range(len(self.buffers)) if sys.getrefcount(self.buffers[i]) == 2]
+            if not idle:
+                return buf  # every pooled buffer is in use: this one is not pooled
+            self.buffers.pop(idle[0])
+        self.buffers.append(buf)
+        return buf[:nbytes]
+
+
+_RECYCLER = _Recycler()
+
+
+class _BatchRows:
+    """The batch's big tensors, filled row by row: in numpy-allocated memory in the training process, in a
+    reused shared-memory slot in a DataLoader worker."""
+
+    def __init__(self, size: int, slots: _SlotPool | None) -> None:
+        self.size, self.slots = size, slots
+        self._arrays: dict[str, tuple[torch.Tensor, np.ndarray, str, tuple[int, ...]]] = {}
+        self._missing: set[str] = set()
+        self._arena: memoryview | None = None
+        self._arena_used = 0
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        if self.slots is not None:
+            return self.slots.alloc(nbytes)
+        return torch.from_numpy(_RECYCLER.get(nbytes))
+
+    def names(self) -> list[str]:
+        return list(self._arrays)
+
+    def reserve_arena(self, nbytes: int) -> None:
+        self._arena = memoryview(_RECYCLER.get(nbytes) if self.slots is None else np.empty(nbytes, np.uint8))
+
+    def arena(self, nbytes: int) -> memoryview:
+        """The next `nbytes` of the batch's byte arena (raw output), or a private buffer past its end (spares)."""
+        if self._arena is None or self._arena_used + nbytes > len(self._arena):
+            return memoryview(np.empty(nbytes, np.uint8)).cast("B")
+        view = self._arena[self._arena_used : self._arena_used + nbytes]
+        self._arena_used += nbytes
+        return view
+
+    def put(self, name: str, row: int, dtype: str, shape, values: np.ndarray) -> None:
+        shape = tuple(int(v) for v in shape)
+        entry = self._arrays.get(name)
+        if entry is None:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+            flat = self._alloc(self.size * nbytes)
+            entry = self._arrays[name] = (flat, flat.numpy().reshape(self.size, nbytes), dtype, shape)
+        _, rows, have_dtype, have_shape = entry
+        if (dtype, shape) != (have_dtype, have_shape):
+            raise ValueError(f"{name} of {dtype} {shape} in a batch of {have_dtype} {have_shape}")
+        if values.dtype == np.uint8 and values.ndim == 1:
+            rows[row] = values
+        else:
+            rows[row].reshape(values.shape)[...] = values
+
+    def put_optional(self, name: str, row: int, view: tuple[str, list[int], memoryview] | None) -> None:
+        """A tensor only some samples may have (text embeddings): kept when every sample has it in one shape."""
+        if view is None:
+            self._missing.add(name)
+            return
+        dtype, shape, data = view
+        entry = self._arrays.get(name)
+        if entry is not None and (entry[2], entry[3]) != (dtype, tuple(shape)):
+            self._missing.add(name)
+            return
+        self.put(name, row, dtype, shape, np.frombuffer(data, np.uint8))
+
+    def repeat(self, good: int) -> None:
+        """Rows good.. repeat rows 0..good-1 (the batch's bad samples replaced by its good ones)."""
+        for _, rows, _, _ in self._arrays.values():
+            for k in range(good, self.size):
+                rows[k] = rows[k % good]
+
+    def has(self, name: str) -> bool:
+        return name in self._arrays and name not in self._missing
+
+    def tensor(self, name: str) -> torch.Tensor:
+        flat, _, dtype, shape = self._arrays[name]
+        return flat.view(_DTYPES[dtype]).view(self.size, *shape)
+
+
+class ShardDataset(IterableDataset):
+    """One rank's batches from a start state; splits them over DataLoader workers (every K-th batch)."""
+
+    def __init__(self, maker: BatchMaker, start: tuple[int, int], rank: int, world_size: int) -> None:
+        super().__init__()
+        self.maker, self.start, self.rank, self.world_size = maker, start, rank, world_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream = self.maker.planner.rank_stream(self.start, self.rank, self.world_size)
+        for k, step in enumerate(stream):
+            if k % num_workers != worker:
+                continue
+            batch = self.maker.make(step.epoch, step.batch_index)
+            batch["state"] = {"epoch": step.state_after[0], "consumed": step.state_after[1]}
+            batch["worker"] = (self.rank, worker)
+            yield batch
+
+
+def _copy_out_of_slots(batch: dict[str, Any], keep_mapped: deque) -> None:
+    """Tensors a worker built in its reused shared-memory slot become the caller's own (a memcpy into
+    numpy-allocated memory). Holding on to the slot storages keeps torch's mapping of them cached, so the
+    next batch in the same slot is not mapped (and page-faulted) again."""
+    names = batch.pop("_in_slot", ())
+    by_name = {"frames": "frames_BTCHW", "latents": "latents_BTCHW", "text": "text_BLD"}
+    for name in names:
+        key = by_name[name]
+        if key not in batch:
+            continue
+        t = batch[key]
+        own = np.empty(t.numel() * t.element_size(), np.uint8)
+        own[:] = t.reshape(-1).view(torch.uint8).numpy()
+        keep_mapped.append(t.untyped_storage())
+        batch[key] = torch.from_numpy(own).view(t.dtype).view(t.shape)
+
+
+def _small_to_torch(batch: dict[str, Any]) -> None:
+    for key in ("fps_B", "motion_bucket_B", "is_image_B"):
+        if key in batch:
+            batch[key] = torch.from_numpy(batch[key])
+    if "scores" in batch:
+        batch["scores"] = {c: torch.from_numpy(v) for c, v in batch["scores"].items()}
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """Batches are made whole in the worker; torch's default conversion would turn tuples into lists."""
+    return batch
+
+
+class ShardLoader:
+    """Iterable of batches for one rank, with exact resume. See the module docstring."""
+
+    def __init__(self, config: LoaderConfig, rank: int | None = None, world_size: int | None = None,
+                 manifest: Manifest | None = None) -> None:
+        self.config = config
+        self.rank, self.world_size = resolve_world(rank, world_size)
+        self.manifest = manifest or Manifest.load(config.shards)
+        self.planner = SubsetPlanner.build(self.manifest, config)
+        self.maker = BatchMaker(self.manifest, self.planner, config)
+        self.epoch, self.consumed = 0, 0
+        self.num_corrupt = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = ShardDataset(self.maker, (self.epoch, self.consumed), self.rank, self.world_size)
+        c = self.config
+        if c.num_workers == 0:
+            batches = iter(dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, collate_fn=_as_is, num_workers=c.num_workers,
+                                      prefetch_factor=c.prefetch_factor, pin_memory=c.pin_memory,
+                                      persistent_workers=False))
+        keep_mapped: deque = deque(maxlen=4 * max(1, c.num_workers) * (c.prefetch_factor + 2))
+        for batch in batches:
+            _copy_out_of_slots(batch, keep_mapped)
+            _small_to_torch(batch)
+            # the state advances only with what the caller received, not with what workers prefetched
+            self.epoch, self.consumed = batch["state"]["epoch"], batch["state"]["consumed"]
+            self.num_corrupt += batch["num_corrupt"]
+            yield batch
+
+    def batches_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches this rank yields in `epoch` (default: what is left of the current one); the same on every
+        rank unless remainder=uneven."""
+        if epoch is None or epoch == self.epoch:
+            return self.planner.batches_for_rank(self.epoch, self.consumed, self.world_size)
+        return self.planner.batches_for_rank(epoch, 0, self.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "consumed": self.consumed,
+                "plan": self.planner.fingerprint, "world_size": self.world_size, "num_corrupt": self.num_corrupt}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}; it comes from "
+                             "another lvd version")
+        if state["plan"] != self.planner.fingerprint:
+            raise ValueError("the loader state was saved for another plan: the subset (query, shards), seed, batch "
+                             "sizes, buckets or image mixing differ from this config. Restore with the config of the "
+                             "saved run (only the number of ranks and workers may change)")
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed > len(self.planner.plan(epoch)):
+            raise ValueError(f"loader state consumed {consumed} batches of epoch {epoch}, which has only "
+                             f"{len(self.planner.plan(epoch))}")
+        self.epoch, self.consumed = epoch, consumed
+        self.num_corrupt = int(state.get("num_corrupt", 0))

@@ -1,0 +1,75 @@
+"""A fake curation run (ledger + clip files) with known content, for the tests and the benchmark.
+
+No curation code runs: the clips are small synthetic mp4s and the ledger is written with pandas, with the
+columns a real run has plus a few extra scores. Frame j of clip c is flat colour
+(R, G, B) = (frame_level(j), clip_level(c), 128), so a decoded frame tells which clip and which frame it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from curation.synthetic import write_video
+
+
+def frame_level(j: int) -> int:
+    return (j * 10) % 250
+
+
+def clip_level(c: int) -> int:
+    return (c * 37) % 250
+
+
+def clip_frames(c: int, num_frames: int, h: int, w: int):
+    for j in range(num_frames):
+        frame = np.empty((h, w, 3), np.uint8)
+        frame[..., 0], frame[..., 1], frame[..., 2] = frame_level(j), clip_level(c), 128
+        yield frame
+
+
+def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps: float = 8.0,
+             sizes: list[tuple[int, int]] | None = None, seed: int = 0, captions: bool = False,
+             dropped_every: int = 4, failed: int = 1, clip_bytes: bytes | None = None) -> pd.DataFrame:
+    """Writes `num_clips` usable clips (every `dropped_every`-th with keep=False) and `failed` failed ones.
+    `sizes` ((h, w) per clip, cycled) gives aspect ratios to bucket. `clip_bytes`, when given, is written as
+    every clip's file instead of a synthetic video (the benchmark's large clips)."""
+    run_dir = Path(run_dir)
+    rng = np.random.default_rng(seed)
+    sizes = sizes or [(48, 80)]
+    rows = []
+    for c in range(num_clips + failed):
+        video_id = f"v{c // 3:03d}"
+        clip_id = f"{video_id}-{c % 3:04d}"
+        h, w = sizes[c % len(sizes)]
+        ok = c < num_clips
+        path = run_dir / "clips" / video_id / f"{clip_id}.mp4"
+        if ok:
+            if clip_bytes is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(clip_bytes)
+            else:
+                write_video(path, clip_frames(c, num_frames, h, w), fps=fps, gop=8)
+        keep = ok and (dropped_every == 0 or c % dropped_every != dropped_every - 1)
+        row = {
+            "clip_id": clip_id, "video_id": video_id, "source": f"/videos/{video_id}.mp4", "clip_index": c % 3,
+            "start_frame": 0, "end_frame": num_frames, "num_frames": num_frames, "start_s": 0.0,
+            "end_s": num_frames / fps, "duration_s": num_frames / fps, "fps": fps, "width": w, "height": h,
+            "boundary": "cut", "clip_path": str(path) if ok else None, "status": "ok" if ok else "failed",
+            "reason": None if ok else "decode_error: fake", "motion_score": float(rng.uniform(0, 0.5)),
+            "motion_pairs": 4, "motion_bucket": int(rng.integers(0, 256)),
+            "text_area": float(rng.uniform(0, 0.1)), "text_area_frames": [0.0, 0.01, 0.02],
+            "text_engine": "fake", "aesthetic": float(rng.uniform(3, 7)) if c % 5 else np.nan,
+            "pass_motion_score": keep, "keep": keep, "decision": "" if keep else "motion_score: fake drop",
+        }
+        if captions:
+            row["captions"] = [{"text": f"clip {c} caption a", "weight": 3.0}, {"text": f"clip {c} caption b", "weight": 1.0}]
+        rows.append(row)
+    clips = pd.DataFrame(rows)
+    (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
+    clips.to_parquet(run_dir / "ledger" / "clips.parquet", index=False)
+    pd.DataFrame({"video_id": sorted(set(clips["video_id"])), "status": "ok"}).to_parquet(
+        run_dir / "ledger" / "videos.parquet", index=False)
+    return clips

@@ -1,0 +1,78 @@
+"""Precomputed latents and text states: what lands in the shards is what the VAE and the text tower make of the
+loader's decoded clip, and training reads those shards (latents batches, no VAE or text work) as it reads
+decoded ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.config import validate
+from tests.training.train_helpers import make_shards, shard_data, stage_tree
+
+pytestmark = pytest.mark.timeout(400)
+RES = [(32, 48), (48, 32)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tests.training.conftest import build_tiny
+    from training.export import save_pretrained
+    from training.precompute import PrecomputeConfig, precompute
+
+    root = tmp_path_factory.mktemp("precompute")
+    shards = make_shards(root)
+    model = build_tiny(seed=1)
+    save_pretrained(model, root / "model")
+    config = PrecomputeConfig(shards=str(shards), output=str(root / "latents"), model=str(root / "model"),
+                              num_frames=4, fps=4.0, resolutions=RES, batch_size=4)
+    summary = precompute(config)
+    return root, shards, model, summary
+
+
+def _first_batch_by_key(loader_config):
+    from shards.loader import ShardLoader
+
+    return {b["key"][0]: b for b in ShardLoader(loader_config)}
+
+
+def test_precomputed_latents_are_the_vae_of_the_decoded_clip(setup):
+    from shards.config import LoaderConfig
+    from shards.manifest import Manifest
+
+    root, shards, model, summary = setup
+    out = Manifest.load(str(root / "latents"))
+    assert summary.num_encoded == summary.num_samples == len(out.samples) == 9
+    assert {tuple(s) for s in out.samples["latents_shape"]} == {(4, 4, 8, 12), (4, 4, 12, 8)}
+    assert {tuple(s) for s in out.samples["text_shape"]} == {(16, 32)}  # context length x tower width
+
+    common = dict(batch_size=1, num_frames=[4], fps=4.0, resolutions=RES, num_workers=0, shuffle=False, epochs=1,
+                  remainder="uneven")
+    decoded = _first_batch_by_key(LoaderConfig(shards=str(shards), clip_start="start", latents="ignore", **common))
+    stored = _first_batch_by_key(LoaderConfig(shards=str(root / "latents"), latents="require", **common))
+    assert decoded.keys() == stored.keys()
+    for key, batch in stored.items():
+        assert batch["kind"] == "latents"
+        with torch.no_grad():
+            want = model.encode_frames(decoded[key]["frames_BTCHW"].float() / 127.5 - 1.0)
+            captions = [c["text"] for c in batch["meta"][0]["captions"]]
+            states = model.text_encoder.tower(model.text_encoder.tokenize(captions))[1]
+        torch.testing.assert_close(batch["latents_BTCHW"], want, rtol=1e-4, atol=1e-5)
+        # one of the clip's captions, as the tower's token states (the projection trains, so it is not applied)
+        assert any(torch.allclose(batch["text_BLD"][0], s, atol=1e-5) for s in states)
+
+
+def test_training_reads_precomputed_shards(setup, tmp_path):
+    from training.loop import Trainer
+    from training.train_config import TrainConfig
+
+    root, *_ = setup
+    out = tmp_path / "stage"
+    data = shard_data(root / "latents", batch_size=2, image_ratio=0.0)
+    config = validate(TrainConfig, stage_tree(out, data, steps=2, init_from=str(root / "model"),
+                                              checkpoint={"every": 10}))
+    summary = Trainer(config).run()
+    assert summary.steps == 2 and summary.final_loss is not None and math.isfinite(summary.final_loss)
+    assert summary.data_wait_fraction < 0.5

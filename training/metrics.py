@@ -1,0 +1,156 @@
+"""What a training run reports: one line per log step from rank 0, the same values in metrics.jsonl and
+TensorBoard, and a stage summary at the end.
+
+    step 120/1000 | loss 0.4123 | grad 0.91 | lr 1.0e-04 | 38.2 samples/s | data wait 0.8% | mem 12.3 GB | ETA 6m12s
+
+`data wait` is the share of wall time spent waiting for the next batch (the loader, not the VAE encode,
+which is compute and is reported as `encode`); samples/s counts every rank's samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated on a GPU; the process's resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class IntervalTimes:
+    """Wall time, data wait and encode time since the last log step, on this rank."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.encode = 0.0
+        self.samples = 0
+        self.steps = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class StageSummary:
+    """What a stage did, written to OUT/summary.json and printed at the end."""
+
+    name: str
+    output: str
+    steps: int
+    start_step: int
+    samples: int
+    seconds: float
+    samples_per_s: float
+    data_wait_fraction: float
+    final_loss: float | None
+    world_size: int
+    trainable_parameters: int
+    export: str | None
+    checkpoint: str | None
+    resumed_from: str | None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        return [f"stage {self.name}: steps {self.start_step}->{self.steps} on {self.world_size} rank(s) in "
+                f"{format_duration(self.seconds)}, {int(self.samples)} samples ({self.samples_per_s:.1f}/s), data wait "
+                f"{self.data_wait_fraction:.1%}, final loss {loss}, {self.trainable_parameters / 1e6:.2f}M trained "
+                f"parameters" + (f", resumed from {self.resumed_from}" if self.resumed_from else ""),
+                f"  model: {self.export}   checkpoint: {self.checkpoint}"]
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+
+class MetricsLogger:
+    """Rank 0's sink: the printed line, OUT/metrics.jsonl, OUT/tensorboard/ (when the package is installed)."""
+
+    def __init__(self, out_dir: Path, total_steps: int, tensorboard: bool, rank: int) -> None:
+        self.enabled = rank == 0
+        self.total_steps = total_steps
+        self.writer = None
+        self.jsonl = None
+        if not self.enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                print("lvd train: the tensorboard package is not installed; metrics go to metrics.jsonl only",
+                      flush=True)
+
+    def log(self, step: int, values: dict[str, Any], eta_s: float | None) -> None:
+        if not self.enabled:
+            return
+        parts = [f"step {step}/{self.total_steps}", f"loss {values['loss']:.4f}"]
+        if values.get("grad_norm") is not None:
+            parts.append(f"grad {values['grad_norm']:.3g}")
+        parts += [f"lr {values['lr']:.2e}", f"{values['samples_per_s']:.1f} samples/s",
+                  f"data wait {values['data_wait']:.1%}", f"encode {values['encode']:.0%}",
+                  f"mem {values['memory_gb']:.2f} GB"]
+        if eta_s is not None:
+            parts.append(f"ETA {format_duration(eta_s)}")
+        print(" | ".join(parts), flush=True)
+        assert self.jsonl is not None
+        self.jsonl.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, step)
+
+    def event(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def add_video(self, tag: str, frames_TCHW_uint8: torch.Tensor, step: int, fps: float) -> None:
+        if self.writer is None:
+            return
+        import importlib.util
+
+        # TensorBoard encodes videos with moviepy; without it the frames go in as images (the mp4 in
+        # OUT/samples is the record either way)
+        if importlib.util.find_spec("moviepy") is not None:
+            self.writer.add_video(tag, frames_TCHW_uint8[None], step, fps=max(1, int(fps)))
+        else:
+            self.writer.add_images(tag, frames_TCHW_uint8, step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
