@@ -86,7 +86,6 @@ def loader_pass(config, name: str) -> Timing:
     from shards.loader import ShardLoader
 
     loader = ShardLoader(config)
-    rows = loader.planner.rows
     read_per_sample = _bytes_read(loader)
     samples = num_bytes = 0
     t0 = None
@@ -96,7 +95,6 @@ def loader_pass(config, name: str) -> Timing:
             continue
         samples += len(batch["key"])
         num_bytes += batch["num_bytes"] if "num_bytes" in batch else sum(read_per_sample[k] for k in batch["key"])
-    del rows
     return Timing(name, samples, num_bytes, time.perf_counter() - t0)
 
 
@@ -112,12 +110,7 @@ def _bytes_read(loader) -> dict[str, int]:
     return out
 
 
-def best(fn, repeats: int) -> Timing:
-    return min((fn() for _ in range(repeats)), key=lambda t: t.seconds)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=160, help="clips (default 160)")
     parser.add_argument("--sample-mb", type=float, default=2.0, help="size of each clip's mp4 (default 2)")
     parser.add_argument("--latents-mb", type=float, default=1.0, help="size of each sample's latents (default 1)")
@@ -126,12 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the best counts (default 3)")
     parser.add_argument("--decode-samples", type=int, default=16, help="clips decoded for the decode row (default 16)")
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
-    args = parser.parse_args(argv)
 
+
+def run_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="lvd-bench-loader-", dir=args.dir) as tmp:
         lines = run(Path(tmp), args)
     print("\n".join(lines))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shards.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run_bench(parser.parse_args(argv))
 
 
 def run(tmp: Path, args: argparse.Namespace) -> list[str]:

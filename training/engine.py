@@ -177,9 +177,10 @@ def all_ranks_have(have: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def teardown(engine: Any, ctx: DistContext | None) -> None:
+def teardown(engine: Any, ctx: DistContext | None, synchronize: bool = True) -> None:
     """Destroys the engine and, when this process made it, the process group: without this ZeRO-3 can abort
-    at interpreter exit, and an in-process second run would find stale state."""
+    at interpreter exit, and an in-process second run would find stale state. `synchronize=False` (after an
+    error) skips the closing barrier, which ranks that failed elsewhere would never reach."""
     import torch.distributed as dist
 
     if engine is not None:
@@ -190,5 +191,6 @@ def teardown(engine: Any, ctx: DistContext | None) -> None:
     if ctx is not None and ctx.created_group and dist.is_initialized():
         import deepspeed.comm
 
-        dist.barrier()
+        if synchronize:
+            dist.barrier()
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups of this world

@@ -64,10 +64,15 @@ class Trainer:
 
     def run(self) -> StageSummary:
         ctx = init_process_group(self.config)
+        ok = False
         try:
-            return self._run(ctx)
+            summary = self._run(ctx)
+            ok = True
+            return summary
         finally:
-            teardown(self.engine, ctx)
+            # after a failure, no barrier: the other ranks may never reach it, and this rank must exit for the
+            # launcher to notice and stop the job
+            teardown(self.engine, ctx, synchronize=ok)
             self.engine = None
 
     # ---- set-up
@@ -132,7 +137,7 @@ class Trainer:
                   f"steps {start_step}->{c.steps}")
         try:
             return self._train(batches, store, ema, log, start_step, samples_seen, num_trained,
-                               f"{tag}" if tag else None)
+                               tag)
         finally:
             log.close()
 
@@ -179,13 +184,13 @@ class Trainer:
                 loss_acc += loss.detach().float()
                 times.samples += inputs.batch_size
                 local_samples += inputs.batch_size
-                times.loss_count += 1
             if stop:
                 log.event(f"a rank ran out of data before step {step + 1}: every rank stops at step {step}")
                 break
             step += 1
             times.steps += 1
             times.loss_sum += float(loss_acc)
+            times.loss_count += gas
             if ema is not None:
                 ema.update(step)
             if step % c.logging.every == 0 or step == c.steps:

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (printed ratios, measured in one run)", description=__doc__)
     which = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
@@ -30,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_train_bench(which)
 
+    from shards.bench import __doc__ as loader_doc, add_arguments as add_loader_arguments
+
+    loader = which.add_parser("loader", help="shard loader throughput vs a raw sequential read of the same bytes",
+                              description=loader_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_loader_arguments(loader)
+    loader.set_defaults(run=run_loader)
+
 
 def run_curate(args: argparse.Namespace) -> int:
     from common.config import load_recipe
@@ -46,3 +52,9 @@ def run_curate(args: argparse.Namespace) -> int:
         result = run_bench(config, videos, args.workers)
     print("\n".join(result.lines()))
     return 0
+
+
+def run_loader(args: argparse.Namespace) -> int:
+    from shards.bench import run_bench
+
+    return run_bench(args)

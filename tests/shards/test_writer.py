@@ -198,3 +198,16 @@ def test_rewrite_adds_latents_that_the_loader_loads(shards_dir, tmp_path):
             assert torch.equal(lat, stored[key])
             seen += 1
     assert seen == len(rows)
+
+
+def test_cli_write_then_refuse_other_settings_naming_the_fix(fake_run_dir, tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["shards", "write", str(fake_run_dir), str(out), "--set", f"shard_max_bytes={SHARD_BYTES}"]) == 0
+    assert "12 samples in" in capsys.readouterr().out
+    assert main(["shards", "write", str(fake_run_dir), str(out), "--all-usable"]) == 2
+    err = capsys.readouterr().err
+    assert "write to a new folder" in err and "selection" in err
+    assert main(["shards", "write", str(fake_run_dir), str(tmp_path / "x"), "--set", "shard_max_bytez=1GB"]) == 2
+    assert "did you mean shard_max_bytes" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The training loop on several processes: 2 ranks under torchrun (CPU, gloo), 2 "nodes" on loopback giving the
 very same numbers, a kill -9 mid-run that resumes to the uninterrupted run's losses and weights, a resume on
-another number of ranks through DeepSpeed's universal checkpoint, and ranks with unequal data that stop
-together instead of deadlocking.
+another number of ranks through DeepSpeed's universal checkpoint, ranks with unequal data that stop together
+instead of deadlocking, and the same numbers from the DeepSpeed launcher and from Ray Train workers (slow).
 
 The reference run (2 ranks through `lvd train --nproc 2`) is made once per module; it reads real shards (a
 fake curation run, written by the shard writer) with the streaming loader, ZeRO-2, 8 steps, a checkpoint

@@ -68,7 +68,8 @@ def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path):
 def test_temporal_only_stage_under_zero3_changes_only_temporal_layers(tmp_path):
     """trainable: temporal (turning an image model into a video model): after training, every spatial UNet
     weight and the text projection are bit-identical to the start, every trained tensor has moved. ZeRO-3
-    partitions the weights, gradient checkpointing recomputes activations: both on the path."""
+    partitions the weights, gradient checkpointing recomputes activations, two micro-batches accumulate per
+    step, the EMA gathers the partitioned weights: all on the path."""
     from training.export import load_pretrained
     from training.loop import Trainer, load_initial_model
     from training.model import is_temporal
@@ -76,10 +77,12 @@ def test_temporal_only_stage_under_zero3_changes_only_temporal_layers(tmp_path):
     out = tmp_path / "stage"
     config = validate(TrainConfig, stage_tree(
         out, synthetic_data(num_samples=2, batch_size=2), steps=2, trainable="temporal",
-        train_text_projection=False, deepspeed={"zero_stage": 3, "gradient_checkpointing": True},
+        train_text_projection=False,
+        deepspeed={"zero_stage": 3, "gradient_checkpointing": True, "gradient_accumulation_steps": 2},
         ema={"enabled": True, "decay": 0.5, "warmup": False}, export={"ema": True}))
     start = load_initial_model(config)
-    Trainer(config).run()
+    summary = Trainer(config).run()
+    assert summary.steps == 2 and summary.samples == 2 * 2 * 2  # steps x micro-batches x batch size
     end = load_pretrained(out)
     init_unet, end_unet = start.unet.state_dict(), end.unet.state_dict()
     temporal = [k for k in init_unet if is_temporal(k)]

@@ -76,3 +76,34 @@ def test_training_reads_precomputed_shards(setup, tmp_path):
     summary = Trainer(config).run()
     assert summary.steps == 2 and summary.final_loss is not None and math.isfinite(summary.final_loss)
     assert summary.data_wait_fraction < 0.5
+
+
+@pytest.mark.slow
+def test_precompute_on_ray_tasks_gives_the_same_shards(setup, tmp_path, monkeypatch):
+    """workers=2: two Ray tasks encode half the subset each; the latents and text states are those of the
+    in-process run."""
+    from safetensors.torch import load
+
+    from shards.manifest import Manifest
+    from shards.reader import SampleReader
+    from training.precompute import PrecomputeConfig, precompute
+
+    root, shards, _, _ = setup
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    summary = precompute(PrecomputeConfig(shards=str(shards), output=str(tmp_path / "ray"), model=str(root / "model"),
+                                          num_frames=4, fps=4.0, resolutions=RES, batch_size=4, workers=2))
+    assert summary.num_encoded == 9
+
+    def tensors(folder):
+        m = Manifest.load(str(folder))
+        reader = SampleReader(m.root)
+        return {rec["key"]: {ext: load(bytes(v)) for ext, v in reader.read(rec).items() if ext.endswith("safetensors")}
+                for rec in m.samples.to_dict("records")}
+
+    a, b = tensors(tmp_path / "ray"), tensors(root / "latents")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert set(a[key]) == set(b[key]) == {"latents.safetensors", "text.safetensors"}
+        for ext in a[key]:
+            for name in a[key][ext]:
+                torch.testing.assert_close(a[key][ext][name], b[key][ext][name], rtol=1e-4, atol=1e-5)
