@@ -10,7 +10,7 @@ import sys
 from common.config import ConfigError
 
 # Module names under jobs.commands, in the order `lvd --help` lists them.
-COMMANDS = ("curate", "shards", "bench", "sample", "submit", "jobs", "train", "precompute")
+COMMANDS = ("curate", "shards", "precompute", "train", "sample", "bench", "submit", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:

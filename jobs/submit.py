@@ -26,7 +26,6 @@ from typing import Any, Callable, Literal
 
 from common.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
 Launch = Literal["ray", "torch", "single"]
 
 # What a validator returns: (recipe path as written on the command line, validated config, output location).
@@ -58,22 +57,12 @@ def _recipe_command(config_path: str) -> Callable[[Any], Validated]:
 
 
 def _validate_sample(args) -> Validated:
-    """Mirrors how `lvd sample` builds its config: the recipe (default: recipes/model/PRESET.yaml), --preset,
-    the sampler flags, then --set."""
-    from common.config import apply_overrides, read_yaml, validate
+    """The config `lvd sample` itself would build."""
+    from jobs.commands.sample import sample_config
 
     if (args.model is None) == (not args.random_init):
         raise ConfigError("lvd sample needs exactly one of --model DIR or --random-init")
-    recipe = args.recipe or str(REPO / "recipes" / "model" / f"{args.preset or ('tiny' if args.random_init else 'svd')}.yaml")
-    tree = read_yaml(recipe)
-    if args.preset:
-        model = tree.get("model") or {}
-        tree["model"] = {**({"preset": model} if isinstance(model, str) else model), "preset": args.preset}
-    flags = {"num_steps": args.steps, "cfg_scale": args.cfg, "tau": args.tau, "fps": args.fps}
-    overrides = [f"sampler.{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    config = validate(_config_class("training.config:DiffusionConfig"), apply_overrides(tree, overrides),
-                      source=f"recipe {recipe}")
-    return args.recipe, config, str(args.out)
+    return args.recipe, sample_config(args), str(args.out)
 
 
 def _validate_precompute(args) -> Validated:

@@ -8,7 +8,7 @@ import argparse
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe (see recipes/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe setting, e.g. --set motion.method=dis (repeatable; values are YAML)")
+                        help="override a recipe setting, e.g. --set output=runs/x (repeatable; values are YAML)")
 
 
 def add_ray_args(parser: argparse.ArgumentParser) -> None:

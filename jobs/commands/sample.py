@@ -87,12 +87,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
 
 
-def _run(args: argparse.Namespace) -> int:
-    import torch
-
+def sample_config(args: argparse.Namespace):
+    """The sampling config `lvd sample` would run with: the recipe (default: recipes/model/PRESET.yaml,
+    the preset read from the model folder when it has one), --preset, the sampler flags, then --set.
+    `lvd submit` validates a sample job with this before sending it."""
     from common.config import apply_overrides, read_yaml, validate
     from training.config import DiffusionConfig
-    from training.sample_run import SampleRequest, load_model, run_sample
 
     recipe = args.recipe or _default_recipe(args)
     tree = read_yaml(recipe)
@@ -101,7 +101,15 @@ def _run(args: argparse.Namespace) -> int:
         tree["model"] = {**({"preset": model} if isinstance(model, str) else model), "preset": args.preset}
     flags = {"num_steps": args.steps, "cfg_scale": args.cfg, "tau": args.tau, "fps": args.fps}
     overrides = [f"sampler.{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    config = validate(DiffusionConfig, apply_overrides(tree, overrides), source=f"recipe {recipe}")
+    return validate(DiffusionConfig, apply_overrides(tree, overrides), source=f"recipe {recipe}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.sample_run import SampleRequest, load_model, run_sample
+
+    config = sample_config(args)
     # An export knows its own model; a recipe's model section only applies when asked for.
     model_config_given = bool(args.recipe or args.preset) or any(o.startswith("model.") for o in args.overrides)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
