@@ -111,7 +111,8 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
                                  override_num_blocks=len(todo))
         ds = ds.flat_map(VideoActor, fn_constructor_kwargs={"config": config.model_dump(mode="json"),
                                                             "clips_dir": str(Path(config.output).absolute() / "clips")},
-                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(num_decoders, len(todo))),
+                         # a fixed pool: an autoscaling one starts with one actor and grows late
+                         compute=ray.data.ActorPoolStrategy(size=min(num_decoders, len(todo))),
                          num_cpus=config.decode.num_cpus)
         for path, section in STAGES:
             stage_cfg = getattr(config, section)
