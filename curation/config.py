@@ -20,6 +20,11 @@ class DecodeConfig(Config):
 
     short_side: int = 128          # working size of the shared low-resolution frames (cuts, flow)
     key_frame_max_side: int = 768  # first/middle/last frames of each clip, for the model stages
+    # sampled: taken during the one decode, every 1/key_frame_fps s; a clip's first/middle/last key
+    #   frames are the samples inside it nearest those frames (less than 1/key_frame_fps s away).
+    # exact: the exact first/middle/last frames, read by a second, targeted decode.
+    key_frames: Literal["sampled", "exact"] = "sampled"
+    key_frame_fps: float = 4.0
     timeout_s: float = 60.0        # per video: timeout_s + timeout_per_video_s * duration
     timeout_per_video_s: float = 2.0
     probe_timeout_s: float = 30.0
@@ -32,6 +37,14 @@ class DecodeConfig(Config):
     def _positive_size(cls, v: int) -> int:
         if v < 16:
             raise ValueError(f"frame sizes must be at least 16 pixels, got {v}; use e.g. 128")
+        return v
+
+    @pydantic.field_validator("key_frame_fps")
+    @classmethod
+    def _sampling(cls, v: float) -> float:
+        if not 0.5 <= v <= 30:
+            raise ValueError(f"key_frame_fps ({v}) must be in [0.5, 30]; clips shorter than 1/key_frame_fps "
+                             "seconds fall back to an exact read, so use e.g. 4")
         return v
 
     @pydantic.field_validator("timeout_s", "probe_timeout_s")

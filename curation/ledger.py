@@ -38,6 +38,7 @@ CLIP_SCHEMA = pa.schema([
     ("start_s", pa.float64()), ("end_s", pa.float64()), ("duration_s", pa.float64()), ("fps", pa.float64()),
     ("width", pa.int32()), ("height", pa.int32()), ("boundary", pa.string()), ("clip_path", pa.string()),
     ("status", pa.string()), ("reason", pa.string()),
+    ("key_frame_indices", pa.list_(pa.int64())),  # the frames the model stages scored
     ("motion_score", pa.float64()), ("motion_pairs", pa.int32()), ("motion_bucket", pa.int32()),
     ("text_area", pa.float64()), ("text_area_frames", pa.list_(pa.float64())), ("text_engine", pa.string()),
 ])

@@ -7,6 +7,7 @@ to the ledger; key frames go on to the model stages.
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import subprocess
@@ -70,8 +71,13 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
     cuts = CutDetector(config.cuts, info.fps)
     motion = MotionAnalyzer(config.motion, info.fps)
     stats = DecodeStats()
+    decode = config.decode
+    sampled = SampledKeyFrames() if decode.key_frames == "sampled" else None
     try:
-        for index, time_s, frame in decode_frames(prepared.local_path, info, config.decode.short_side, stats):
+        for index, time_s, frame in decode_frames(prepared.local_path, info, decode.short_side, stats,
+                                                  on_sample=sampled.add if sampled else None,
+                                                  sample_every_s=1.0 / decode.key_frame_fps,
+                                                  sample_max_side=decode.key_frame_max_side):
             cuts.push(index, time_s, frame)
             motion.push(index, time_s, frame)
     except MediaError as e:
@@ -85,12 +91,18 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
     spans = clip_spans(cuts.finish(), fps, config.cuts)
     samples = motion.finish()
     usable = [s for s in spans if s.drop_reason is None]
-    wanted = sorted({i for s in usable for i in key_frame_indices(s.start, s.end)})
+    keys_of: dict[int, tuple[int, ...]] = {}  # span index -> the frames its key frames come from
+    for n, span in enumerate(spans):
+        if span.drop_reason is None:
+            picked = sampled.pick(span.start, span.end) if sampled else None
+            keys_of[n] = picked if picked is not None else key_frame_indices(span.start, span.end)
+    # exact mode, and clips too short to hold a sample, read their key frames in a second pass
+    wanted = sorted({i for keys in keys_of.values() for i in keys if not (sampled and sampled.has(i))})
     frames: dict[int, np.ndarray] = {}
     key_frame_error = "key_frames: could not decode the clip's first/middle/last frame"
     if wanted:
         try:
-            frames = read_frames(prepared.local_path, info, wanted, stats.times_s, config.decode.key_frame_max_side,
+            frames = read_frames(prepared.local_path, info, wanted, stats.times_s, decode.key_frame_max_side,
                                  seek=stats.seek_safe)
         except MediaError as e:
             key_frame_error = f"key_frames: {e.reason}"
@@ -103,11 +115,13 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
             score, num_pairs = clip_motion(samples, span.start, span.end)
             row.update(motion_score=score, motion_pairs=num_pairs,
                        motion_bucket=motion_bucket(score, config.motion) if score is not None else None)
-            keys = [frames.get(i) for i in key_frame_indices(span.start, span.end)]
+            row["key_frame_indices"] = list(keys_of[n])
+            keys = [sampled.jpeg(i) if sampled and sampled.has(i) else
+                    (encode_jpeg(frames[i]) if i in frames else None) for i in keys_of[n]]
             if any(k is None for k in keys):
                 row.update(status="failed", reason=key_frame_error)
             else:
-                out.key_frames[clip_id] = [encode_jpeg(k) for k in keys]
+                out.key_frames[clip_id] = keys
                 if score is None:
                     row.update(status="failed", reason="motion: no frame pair at the motion fps inside the clip")
         else:
@@ -120,6 +134,39 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
                  reason=None if usable else (spans[0].drop_reason if spans else "no_clips: no frames"),
                  num_clips=len(spans), num_usable_clips=len(usable), process_s=round(time.monotonic() - t0, 3))
     return out
+
+
+class SampledKeyFrames:
+    """Frames sampled during the one decode, kept as JPEG in an unnamed temporary file: memory holds
+    only their positions, however long the video."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="lvd-keys-")
+        self._index: list[int] = []          # frame indices, increasing
+        self._where: dict[int, tuple[int, int]] = {}  # frame index -> (offset, length)
+
+    def add(self, index: int, time_s: float, frame_rgb: np.ndarray) -> None:
+        data = encode_jpeg(frame_rgb)
+        self._where[index] = (self._file.seek(0, os.SEEK_END), len(data))
+        self._file.write(data)
+        self._index.append(index)
+
+    def has(self, index: int) -> bool:
+        return index in self._where
+
+    def jpeg(self, index: int) -> bytes:
+        offset, length = self._where[index]
+        self._file.seek(offset)
+        return self._file.read(length)
+
+    def pick(self, start: int, end: int) -> tuple[int, int, int] | None:
+        """The samples inside [start, end) nearest the clip's first, middle and last frame; None when
+        no sample lies inside (a clip shorter than the sampling interval)."""
+        lo, hi = bisect.bisect_left(self._index, start), bisect.bisect_left(self._index, end)
+        inside = self._index[lo:hi]
+        if not inside:
+            return None
+        return tuple(min(inside, key=lambda i: (abs(i - target), i)) for target in key_frame_indices(start, end))
 
 
 def key_frame_indices(start: int, end: int) -> tuple[int, int, int]:

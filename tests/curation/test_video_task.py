@@ -37,3 +37,34 @@ def test_peak_memory_does_not_grow_with_video_length(tmp_path):
     assert c_long > c_short  # over-long scenes were split into clips
     # holding the 2880 working frames (128 x 228 RGB) would take ~250 MB more
     assert mb_long - mb_short < 40, (mb_short, mb_long)
+
+
+def test_sampled_key_frames_are_the_decoded_frames_inside_each_clip_near_first_middle_last(tmp_path):
+    import numpy as np
+
+    from curation.config import CurationConfig
+    from curation.media import DecodeStats, decode_frames, probe
+    from curation.synthetic import hard_cuts
+    from curation.video_task import decode_jpegs, key_frame_indices, prepare, process_video
+
+    path = write_video(tmp_path / "shots.mp4", hard_cuts([40, 90], 150), 24)
+    outs = {}
+    for mode in ("sampled", "exact"):
+        cfg = CurationConfig.model_validate({"output": str(tmp_path), "clips": {"mode": "none"},
+                                             "cuts": {"clip_min_s": 1.0, "clip_max_s": 4.0},
+                                             "decode": {"key_frames": mode, "key_frame_fps": 4}})
+        outs[mode] = process_video(str(path), "v", prepare(str(path), cfg.decode.max_pixels), cfg, str(tmp_path))
+    # the same frames as a plain decode at key-frame size: nothing was decoded a second time
+    stats = DecodeStats()
+    reference = {i: f for i, _, f in decode_frames(str(path), probe(str(path)), 768, stats)}
+    usable = [c for c in outs["sampled"].clips if c["status"] == "ok"]
+    assert len(usable) == 3
+    for clip, exact in zip(usable, [c for c in outs["exact"].clips if c["status"] == "ok"]):
+        start, end = clip["start_frame"], clip["end_frame"]
+        picked = clip["key_frame_indices"]
+        assert exact["key_frame_indices"] == list(key_frame_indices(start, end))
+        assert all(start <= i < end for i in picked)
+        assert all(abs(i - j) < 6 for i, j in zip(picked, exact["key_frame_indices"]))  # < 24 fps / 4
+        frames = decode_jpegs(outs["sampled"].key_frames[clip["clip_id"]])
+        for frame, index in zip(frames, picked):
+            assert np.abs(frame.astype(int) - reference[index].astype(int)).mean() < 3  # JPEG q95
