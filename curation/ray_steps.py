@@ -19,7 +19,7 @@ import ray
 from curation.config import CurationConfig
 from curation.isolation import IsolatedWorker
 from curation.stage import ClipBatch, Stage
-from curation.video_task import decode_jpegs, prepare, process_video, video_row
+from curation.video_task import VideoOutput, decode_jpegs, prepare, process_video, video_row
 
 def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, frames: list[bytes] | None = None) -> dict:
     return {"row_type": row_type, "video_id": video_id, "clip_id": clip_id, "status": status,
@@ -33,44 +33,41 @@ class VideoActor:
         self.config = CurationConfig.model_validate(config)
         self.clips_dir = clips_dir
         self.worker = IsolatedWorker()
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, item: dict[str, Any]) -> list[dict]:
-        rows = self._process(item["source"], item["video_id"])
-        node = ray.get_runtime_context().get_node_id()
-        for row in rows[:1]:  # the video row comes first
-            row["record"] = json.dumps({**json.loads(row["record"]), "processed_on": node})
-        return rows
-
-    def _process(self, source: str, video_id: str) -> list[dict]:
-        decode = self.config.decode
-        probed = self.worker.call(prepare, source, decode.max_pixels, timeout_s=decode.probe_timeout_s)
-        if not probed.ok:
-            return [self._failed(source, video_id, f"probe_{probed.reason}")]
-        prepared = probed.value
-        try:
-            if prepared.reason is not None:
-                return [self._failed(source, video_id, prepared.reason)]
-            limit = decode.timeout_s + decode.timeout_per_video_s * max(prepared.info.duration_s, 0.0)
-            done = self.worker.call(process_video, source, video_id, prepared, self.config, self.clips_dir,
-                                    timeout_s=limit)
-            if not done.ok:
-                row = video_row(source, video_id, prepared.info)
-                return [_row("video", video_id, "", "failed", {**row, "status": "failed", "reason": f"decode_{done.reason}"})]
-        finally:
-            if prepared.temp_dir:
-                shutil.rmtree(prepared.temp_dir, ignore_errors=True)
-        out = done.value
+        source, video_id = item["source"], item["video_id"]
+        out = self._process(source, video_id)
+        out.video["processed_on"] = self.node
         rows = [_row("video", video_id, "", out.video["status"], out.video)]
         for clip in out.clips:
             rows.append(_row("clip", video_id, clip["clip_id"], clip["status"], clip,
                              out.key_frames.get(clip["clip_id"])))
         return rows
 
-    def _failed(self, source: str, video_id: str, reason: str) -> dict:
-        return _row("video", video_id, "", "failed", {**video_row(source, video_id, None), "status": "failed", "reason": reason})
+    def _process(self, source: str, video_id: str) -> VideoOutput:
+        decode = self.config.decode
+        probed = self.worker.call(prepare, source, decode.max_pixels, timeout_s=decode.probe_timeout_s)
+        if not probed.ok:
+            return _failed(source, video_id, None, f"probe_{probed.reason}")
+        prepared = probed.value
+        try:
+            if prepared.reason is not None:
+                return _failed(source, video_id, None, prepared.reason)
+            limit = decode.timeout_s + decode.timeout_per_video_s * max(prepared.info.duration_s, 0.0)
+            done = self.worker.call(process_video, source, video_id, prepared, self.config, self.clips_dir,
+                                    timeout_s=limit)
+            return done.value if done.ok else _failed(source, video_id, prepared.info, f"decode_{done.reason}")
+        finally:
+            if prepared.temp_dir:
+                shutil.rmtree(prepared.temp_dir, ignore_errors=True)
 
     def __del__(self) -> None:
         self.worker.close()
+
+
+def _failed(source: str, video_id: str, info, reason: str) -> VideoOutput:
+    return VideoOutput({**video_row(source, video_id, info), "status": "failed", "reason": reason})
 
 
 class StageActor:
