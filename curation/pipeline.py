@@ -23,8 +23,6 @@ from curation.ledger import Ledger
 from curation.thresholds import apply_thresholds
 from curation.video_task import video_row
 
-log = logging.getLogger(__name__)
-
 # Model-backed stages, in pipeline order: (import path, config section).
 STAGES = (("curation.text_area.TextArea", "text"),)
 
@@ -170,7 +168,8 @@ def _merge_stage_results(record: dict, row: dict) -> dict:
 
 def print_funnel(summary: Summary, file=sys.stdout) -> None:
     width = max(len(s["step"]) for s in summary.funnel)
-    print(f"\nfunnel ({summary.run_dir}):", file=file)
+    print(f"\nfunnel ({summary.run_dir}; {summary.num_processed} videos processed by this run, "
+          "the rest were already in the ledger):", file=file)
     for s in summary.funnel:
         print(f"  {s['step']:<{width}}  {s['count']:>7}", file=file)
     if summary.reasons:

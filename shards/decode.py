@@ -48,16 +48,22 @@ def _open(data: bytes | memoryview):
     return container
 
 
+def _first_frame(container, stream):
+    """The stream's frame iterator and its first frame; a clip with no decodable frame is an error."""
+    frames = container.decode(stream)
+    first = next(frames, None)
+    if first is None:
+        raise DecodeError("no decodable frame")
+    return frames, first
+
+
 def first_last_frames(data: bytes | memoryview, max_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The clip's first and last frames (RGB), sized to `max_side` when given. The last frame is found by
     seeking to a key frame shortly before the end; a full decode is the fallback."""
     with _open(data) as c:
         stream = c.streams.video[0]
         try:
-            frames = c.decode(stream)
-            first = next(frames, None)
-            if first is None:
-                raise DecodeError("no decodable frame")
+            frames, first = _first_frame(c, stream)
             size = _fit(first, max_side)
             first_rgb = frame_rgb(first, size)
             last = first
@@ -109,10 +115,7 @@ def decode_window(data: bytes | memoryview, start_s: float, num_frames: int, fps
     with _open(data) as c:
         stream = c.streams.video[0]
         try:
-            frames = c.decode(stream)
-            first = next(frames, None)
-            if first is None:
-                raise DecodeError("no decodable frame")
+            frames, first = _first_frame(c, stream)
             t0 = first.time or 0.0
             prev, i = first, 0
             if start_s > 1.0 and first.pts is not None:
