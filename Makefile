@@ -18,17 +18,20 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/no-deps.txt requirem
 	$(PY) -m pip check || true
 	touch $(STAMP)
 
-# curation -> shards -> the tiny three-stage training chain -> a sample video, on CPU.
+# curation (tiny random-weight captioners and CLIP: no weights can be downloaded) -> its HTML report
+# -> shards -> the tiny three-stage training chain -> a sample video, on CPU.
 # Every step resumes, so running it again only redoes what is missing.
 demo: $(STAMP)
 	$(PY) -m curation.synthetic $(DEMO_DIR)/videos
-	$(LVD) curate recipes/curation/demo.yaml --set inputs=[$(DEMO_DIR)/videos] --set output=$(DEMO_DIR)/run
+	$(LVD) curate recipes/curation/demo.yaml --set inputs=[$(DEMO_DIR)/videos] --set output=$(DEMO_DIR)/run \
+	    $$($(PY) -m curation.tiny_models $(DEMO_DIR)/models)
+	$(LVD) report $(DEMO_DIR)/run
 	$(LVD) shards write $(DEMO_DIR)/run $(DEMO_DIR)/shards --no-progress
 	$(LVD) train recipes/train/tiny_stage1.yaml --set output=$(DEMO_DIR)/train/stage1 --set data.shards.shards=$(DEMO_DIR)/shards
 	$(LVD) train recipes/train/tiny_stage2.yaml --set output=$(DEMO_DIR)/train/stage2 --set init_from=$(DEMO_DIR)/train/stage1 --set data.shards.shards=$(DEMO_DIR)/shards
 	$(LVD) train recipes/train/tiny_stage3.yaml --set output=$(DEMO_DIR)/train/stage3 --set init_from=$(DEMO_DIR)/train/stage2 --set data.shards.shards=$(DEMO_DIR)/shards
 	$(LVD) sample --model $(DEMO_DIR)/train/stage3 --prompt "a square moves across the frame" --size 32x56 --out $(DEMO_DIR)/sample.mp4
-	@echo "demo done: ledger $(DEMO_DIR)/run/ledger, shards $(DEMO_DIR)/shards, model $(DEMO_DIR)/train/stage3/model, video $(DEMO_DIR)/sample.mp4"
+	@echo "demo done: report $(DEMO_DIR)/run/report.html, ledger $(DEMO_DIR)/run/ledger, shards $(DEMO_DIR)/shards, model $(DEMO_DIR)/train/stage3/model, video $(DEMO_DIR)/sample.mp4"
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu"

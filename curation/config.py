@@ -7,7 +7,10 @@ from typing import Literal
 import pydantic
 
 from common.config import Config
+from curation.captioning import CaptionConfig
+from curation.clip_score import ClipScoreConfig
 from curation.cuts import CutsConfig
+from curation.dedup import DedupConfig
 from curation.inputs import VIDEO_EXTENSIONS
 from curation.motion import MotionConfig
 from curation.text_area import TextAreaConfig
@@ -75,9 +78,14 @@ class CurationConfig(Config):
     cuts: CutsConfig = CutsConfig()
     motion: MotionConfig = MotionConfig()
     text: TextAreaConfig = TextAreaConfig()
+    # Model stages with weights to fetch are off unless the recipe has their section (enabled defaults to
+    # true inside a section): a recipe without them runs with no model weights at all.
+    caption: CaptionConfig = CaptionConfig(enabled=False)
+    clip: ClipScoreConfig = ClipScoreConfig(enabled=False)
     clips: ClipFilesConfig = ClipFilesConfig()
     # score column -> rule; applied in this order, which is also the funnel's order
     thresholds: dict[str, Threshold] = {}
+    dedup: DedupConfig = DedupConfig()  # after the thresholds, among the clips they keep
     ray: RayConfig = RayConfig()
 
     @pydantic.field_validator("extensions")

@@ -41,7 +41,17 @@ CLIP_SCHEMA = pa.schema([
     ("key_frame_indices", pa.list_(pa.int64())),  # the frames the model stages scored
     ("motion_score", pa.float64()), ("motion_pairs", pa.int32()), ("motion_bucket", pa.int32()),
     ("text_area", pa.float64()), ("text_area_frames", pa.list_(pa.float64())), ("text_engine", pa.string()),
+    ("content_hash", pa.string()),  # exact-duplicate key (frame count + key frames)
+    ("thumb_path", pa.string()),    # key-frame strip for the report, relative to the run folder
+    ("captions", pa.list_(pa.struct([("text", pa.string()), ("weight", pa.float64()), ("source", pa.string())]))),
+    ("clip_embedding", pa.list_(pa.list_(pa.float32()))),  # K x D, L2-normalised, first/middle/last frame
+    ("clip_model", pa.string()),
+    ("aesthetic", pa.float64()), ("aesthetic_frames", pa.list_(pa.float64())),
+    ("caption_similarity", pa.float64()), ("caption_similarities", pa.list_(pa.float64())),
 ])
+
+# Written by finalize (like keep, decision and pass_<score>), not by the pipeline: dup_of (str, the clip a
+# duplicate was dropped for), dup_similarity (float64; 1.0 for exact duplicates).
 
 # Columns that change from run to run without the data changing (timings, placement).
 VOLATILE_COLUMNS = {"process_s", "processed_on"}
@@ -90,7 +100,7 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 
 def _frame(tables: list[pa.Table], schema: pa.Schema, key: str) -> pd.DataFrame:
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    table = pa.concat_tables(tables, promote_options="default") if tables else schema.empty_table()
     return table.to_pandas().sort_values(key, kind="stable").reset_index(drop=True)
 
 

@@ -17,14 +17,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, resolve
 from curation.config import CurationConfig
+from curation.dedup import apply_dedup
 from curation.inputs import InputVideo, discover
 from curation.ledger import Ledger
 from curation.thresholds import apply_thresholds
 from curation.video_task import video_row
 
 # Model-backed stages, in pipeline order: (import path, config section).
-STAGES = (("curation.text_area.TextArea", "text"),)
+# The caption stage runs before the CLIP stage, which scores text-image similarity against the captions.
+STAGES = (("curation.text_area.TextArea", "text"), ("curation.captioning.Captioning", "caption"),
+          ("curation.clip_score.ClipScore", "clip"))
 
 
 @dataclass
@@ -33,11 +37,47 @@ class Summary:
     funnel: list[dict]
     num_processed: int   # videos processed by this invocation (0 when everything was already done)
     reasons: dict[str, int] = field(default_factory=dict)  # why videos failed and clips were not kept
+    stand_ins: list[str] = field(default_factory=list)  # checkpoints that were tiny random-weight stand-ins
+
+
+def model_checkpoints(config: CurationConfig) -> list[CheckpointSpec]:
+    """Every checkpoint the enabled model stages of `config` load, in pipeline order."""
+    specs: list[CheckpointSpec] = []
+    for _, section in STAGES:
+        stage_cfg = getattr(config, section)
+        if stage_cfg.enabled and hasattr(stage_cfg, "checkpoints"):
+            specs.extend(stage_cfg.checkpoints())
+    return specs
+
+
+def check_models(config: CurationConfig) -> dict[str, Path]:
+    """Resolves every checkpoint before any video is decoded; raises one MissingCheckpoint naming all that
+    are missing. Returns role -> local path."""
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for spec in model_checkpoints(config):
+        try:
+            found[spec.role] = resolve(spec)
+        except MissingCheckpoint as e:
+            problems.append(str(e))
+    if problems:
+        raise MissingCheckpoint("the recipe names model weights this machine does not have (nothing was decoded):\n  - "
+                                + "\n  - ".join(problems))
+    return found
+
+
+def random_stand_ins(found: dict[str, Path]) -> list[str]:
+    """Roles whose checkpoint is a tiny random-weight stand-in (`make demo`, tests)."""
+    return [role for role, path in found.items() if is_random_stand_in(path)]
 
 
 def run_curation(config: CurationConfig, address: str | None = None, progress: bool = True) -> Summary:
     if not config.inputs:
         raise ValueError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
+    stand_ins = random_stand_ins(check_models(config))
+    if stand_ins:
+        print(f"note: tiny random-weight models stand in for {', '.join(stand_ins)} (no real weights here): "
+              "their scores and captions mean nothing", file=sys.stderr)
     run_dir = Path(config.output)
     ledger = Ledger(run_dir)
     videos = discover(config.inputs, config.extensions)
@@ -49,7 +89,9 @@ def run_curation(config: CurationConfig, address: str | None = None, progress: b
     todo = [v for v in videos if v.skip_reason is None and v.video_id not in done]
     if todo:
         _run_ray(config, todo, ledger, address, progress)
-    return finalize(config, ledger, [v.video_id for v in videos], processed=len(todo))
+    summary = finalize(config, ledger, [v.video_id for v in videos], processed=len(todo))
+    summary.stand_ins = stand_ins
+    return summary
 
 
 def finalize(config: CurationConfig, ledger: Ledger, video_ids: list[str] | None, processed: int = 0) -> Summary:
@@ -59,6 +101,8 @@ def finalize(config: CurationConfig, ledger: Ledger, video_ids: list[str] | None
         missing = sorted(set(video_ids) - set(videos["video_id"]))
         raise RuntimeError(f"{len(missing)} videos have no ledger entry (e.g. {missing[:3]}); re-run to resume")
     clips, steps = apply_thresholds(clips, config.thresholds)
+    clips, dedup_steps = apply_dedup(clips, config.dedup)
+    steps += dedup_steps
     funnel = [
         {"step": "input videos", "count": len(videos)},
         {"step": "videos decoded", "count": int(videos["status"].isin(["ok", "no_clips"]).sum())},
@@ -73,12 +117,15 @@ def finalize(config: CurationConfig, ledger: Ledger, video_ids: list[str] | None
 
 def reason_kind(reason: str) -> str:
     """A reason without its numbers: "motion_score 0.001 < min 0.002" -> "motion_score < min",
-    "dropped: too_short: 1.2 s < ..." -> "dropped: too_short", "decode_timeout: ..." -> "decode_timeout"."""
+    "dropped: too_short: 1.2 s < ..." -> "dropped: too_short", "decode_timeout: ..." -> "decode_timeout",
+    "duplicate: exact of c1" -> "duplicate: exact"."""
     if reason.startswith(("dropped: ", "failed: ")):
         status, rest = reason.split(": ", 1)
         return f"{status}: {rest.split(':', 1)[0]}"
     if reason.endswith(": missing score"):
         return reason
+    if reason.startswith("duplicate: "):  # "duplicate: near c2 cosine 0.973" -> "duplicate: near"
+        return " ".join(reason.split(" ")[:2])
     if ":" in reason.split(" ", 1)[0] or " " not in reason:
         return reason.split(":", 1)[0]
     return re.sub(r"\s+", " ", re.sub(r"(?<![\w%])-?[\d.]+(e-?\d+)?(?![\w%])", "", reason)).strip()
@@ -108,7 +155,7 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
         ds = ray.data.from_items([{"video_id": v.video_id, "source": v.source} for v in todo],
                                  override_num_blocks=len(todo))
         ds = ds.flat_map(VideoActor, fn_constructor_kwargs={"config": config.model_dump(mode="json"),
-                                                            "clips_dir": str(Path(config.output).absolute() / "clips")},
+                                                            "run_dir": str(Path(config.output).absolute())},
                          # a fixed pool: an autoscaling one starts with one actor and grows late
                          compute=ray.data.ActorPoolStrategy(size=min(num_decoders, len(todo))),
                          num_cpus=config.decode.num_cpus)
@@ -176,5 +223,8 @@ def print_funnel(summary: Summary, file=sys.stdout) -> None:
         print("why videos failed and clips were not kept:", file=file)
         for kind, count in summary.reasons.items():
             print(f"  {count:>7}  {kind}", file=file)
+    if summary.stand_ins:
+        print(f"note: {', '.join(summary.stand_ins)} were tiny random-weight stand-ins: their scores and captions "
+              "mean nothing", file=file)
     print(f"ledger: {summary.run_dir / 'ledger' / 'clips.parquet'} (+ videos.parquet)", file=file)
     print(f"clips:  {summary.run_dir / 'clips'}", file=file)

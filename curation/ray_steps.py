@@ -29,9 +29,9 @@ def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, 
 class VideoActor:
     """Holds one isolated decode process; one input video in, its video row and clip rows out."""
 
-    def __init__(self, config: dict[str, Any], clips_dir: str) -> None:
+    def __init__(self, config: dict[str, Any], run_dir: str) -> None:
         self.config = CurationConfig.model_validate(config)
-        self.clips_dir = clips_dir
+        self.run_dir = run_dir
         self.worker = IsolatedWorker()
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -55,7 +55,7 @@ class VideoActor:
             if prepared.reason is not None:
                 return _failed(source, video_id, None, prepared.reason)
             limit = decode.timeout_s + decode.timeout_per_video_s * max(prepared.info.duration_s, 0.0)
-            done = self.worker.call(process_video, source, video_id, prepared, self.config, self.clips_dir,
+            done = self.worker.call(process_video, source, video_id, prepared, self.config, self.run_dir,
                                     timeout_s=limit)
             return done.value if done.ok else _failed(source, video_id, prepared.info, f"decode_{done.reason}")
         finally:
@@ -82,18 +82,36 @@ class StageActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         # Arrow in, Arrow out: the JPEG key frames pass through untouched for the next stage.
         row_type, status, clip_ids = (batch.column(c).to_pylist() for c in ("row_type", "status", "clip_id"))
-        todo = [i for i in range(batch.num_rows) if row_type[i] == "clip" and status[i] == "ok"]
+        usable = [i for i in range(batch.num_rows) if row_type[i] == "clip" and status[i] == "ok"]
+        context = dict(zip(usable, _context(batch, usable)))
+        todo = [i for i in usable if self.stage.config.wants(context[i])]
         results = [""] * batch.num_rows
         if todo:
             key_frames = batch.column("key_frames")
             res = self.stage(ClipBatch([clip_ids[i] for i in todo],
-                                       [decode_jpegs(key_frames[i].as_py()) for i in todo]))
+                                       [decode_jpegs(key_frames[i].as_py()) for i in todo],
+                                       [context[i] for i in todo]))
             for j, i in enumerate(todo):
                 entry = {col: _plain(values[j]) for col, values in res.scores.items()}
                 if res.reasons and res.reasons[j]:
                     entry["reason"] = res.reasons[j]
                 results[i] = json.dumps(entry)
         return batch.append_column(f"stage_{self.stage.name}", pa.array(results, pa.string()))
+
+
+def _context(batch: pa.Table, rows: list[int]) -> list[dict[str, Any]]:
+    """Each row's clip record with the results of the stages before this one merged in."""
+    records = batch.column("record")
+    earlier = [batch.column(n) for n in batch.column_names if n.startswith("stage_")]
+    out = []
+    for i in rows:
+        ctx = json.loads(records[i].as_py())
+        for col in earlier:
+            value = col[i].as_py()
+            if value:
+                ctx.update(json.loads(value))
+        out.append(ctx)
+    return out
 
 
 def _plain(v: Any) -> Any:

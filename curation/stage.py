@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import pydantic
 
 from common.config import Config
+from curation.thresholds import Threshold
 
 
 class FrameAnalyzer(Protocol):
@@ -30,10 +32,17 @@ class FrameAnalyzer(Protocol):
 
 @dataclass
 class ClipBatch:
-    """Clips to score: ids and key frames (K x H x W x 3 uint8 RGB), in the same order."""
+    """Clips to score: ids and key frames (K x H x W x 3 uint8 RGB), in the same order. `context[i]` holds
+    clip i's ledger record so far: its clip row (duration_s, fps, ...) and the columns earlier stages wrote
+    (e.g. `captions` for the CLIP stage's text-image similarity)."""
 
     clip_ids: list[str]
     key_frames: list[np.ndarray]
+    context: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.context:
+            self.context = [{} for _ in self.clip_ids]
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -56,9 +65,36 @@ class StageConfig(Config):
 
     enabled: bool = True
     batch_size: int = 16
+    """Clips per call (and per Ray batch)."""
     num_actors: int = 1
+    """Actors in the stage's pool; each loads the weights once."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    """GPUs per actor; fractions share a GPU (0.25: four actors per GPU)."""
+    only_if: dict[str, Threshold] = {}
+    """Score only the clips whose earlier scores pass these fixed bounds (e.g. {motion_score: {min: 0.002}}),
+    to spend no model time on clips the thresholds will drop anyway. Skipped clips get no score from this
+    stage: loosening those thresholds later (--rethreshold) leaves them with a missing score, so re-run the
+    stage to score them."""
+
+    @pydantic.field_validator("only_if")
+    @classmethod
+    def _fixed_bounds(cls, v: dict[str, Threshold]) -> dict[str, Threshold]:
+        relative = [name for name, rule in v.items() if rule.drop_bottom_pct is not None or rule.drop_top_pct is not None]
+        if relative:
+            raise ValueError(f"only_if rules for {relative} use drop_bottom_pct/drop_top_pct, which need every clip "
+                             "of the run; a stage sees one batch: use min/max here and keep the percentile in thresholds")
+        return v
+
+    def wants(self, context: dict[str, Any]) -> bool:
+        """Whether a clip with these earlier scores is to be scored (see only_if). A missing score fails."""
+        for name, rule in self.only_if.items():
+            value = context.get(name)
+            if not isinstance(value, (int, float)) or value != value:
+                return False
+            if (rule.min is not None and value < rule.min) or (rule.max is not None and value > rule.max):
+                return False
+        return True
 
 
 class Stage:

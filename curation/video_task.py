@@ -8,6 +8,7 @@ to the ledger; key frames go on to the model stages.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import shutil
 import subprocess
@@ -62,7 +63,9 @@ def prepare(source: str, max_pixels: int) -> Prepared:
         return Prepared(local, None, e.reason, temp_dir)
 
 
-def process_video(source: str, video_id: str, prepared: Prepared, config: CurationConfig, clips_dir: str) -> VideoOutput:
+def process_video(source: str, video_id: str, prepared: Prepared, config: CurationConfig, run_dir: str) -> VideoOutput:
+    """Decodes the video once and returns its row, its clip rows and each usable clip's key frames (JPEG).
+    Clip files go to `run_dir`/clips/<video_id>/, thumbnail strips to `run_dir`/thumbs/<video_id>/."""
     info = prepared.info
     assert info is not None
     cv2.setNumThreads(1)  # one worker process per CPU already; OpenCV's own threads would oversubscribe
@@ -122,6 +125,8 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
                 row.update(status="failed", reason=key_frame_error)
             else:
                 out.key_frames[clip_id] = keys
+                row["content_hash"] = content_hash(keys, row["num_frames"])
+                row["thumb_path"] = _write_thumbnail(keys, Path(run_dir), video_id, clip_id)
                 if score is None:
                     row.update(status="failed", reason="motion: no frame pair at the motion fps inside the clip")
         else:
@@ -129,7 +134,7 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
         out.clips.append(row)
 
     if config.clips.mode != "none":
-        _write_clip_files(prepared.local_path, out.clips, Path(clips_dir) / video_id, config)
+        _write_clip_files(prepared.local_path, out.clips, Path(run_dir) / "clips" / video_id, config)
     video.update(status="ok" if usable else "no_clips",
                  reason=None if usable else (spans[0].drop_reason if spans else "no_clips: no frames"),
                  num_clips=len(spans), num_usable_clips=len(usable), process_s=round(time.monotonic() - t0, 3))
@@ -215,6 +220,35 @@ def decode_jpegs(images: list[bytes]) -> np.ndarray:
     """K JPEGs -> K x H x W x 3 RGB uint8."""
     frames = [cv2.cvtColor(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for b in images]
     return np.stack(frames)
+
+
+def content_hash(key_frames_jpeg: list[bytes], num_frames: int) -> str:
+    """Exact-duplicate key of a clip: its frame count and key frames (the JPEG encoding of equal pixels is
+    equal). Two uploads of one video give equal hashes; a re-encode does not (near-dedup finds those)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(num_frames).encode())
+    for jpeg in key_frames_jpeg:
+        h.update(len(jpeg).to_bytes(8, "little"))
+        h.update(jpeg)
+    return h.hexdigest()
+
+
+THUMB_HEIGHT = 96
+
+
+def _write_thumbnail(key_frames_jpeg: list[bytes], run_dir: Path, video_id: str, clip_id: str) -> str:
+    """The clip's key frames side by side, THUMB_HEIGHT high, for the report; returns its path relative to
+    the run folder."""
+    frames = decode_jpegs(key_frames_jpeg)
+    h, w = frames.shape[1:3]
+    size = (max(1, round(w * THUMB_HEIGHT / h)), THUMB_HEIGHT)
+    strip = np.hstack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
+    rel = Path("thumbs") / video_id / f"{clip_id}.jpg"
+    (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / rel.with_name(f".{clip_id}.tmp.jpg")
+    tmp.write_bytes(encode_jpeg(strip, quality=85))
+    os.replace(tmp, run_dir / rel)
+    return rel.as_posix()
 
 
 def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config: CurationConfig) -> None:

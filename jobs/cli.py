@@ -7,10 +7,11 @@ import argparse
 import importlib
 import sys
 
+from common.checkpoints import MissingCheckpoint
 from common.config import ConfigError
 
 # Module names under jobs.commands, in the order `lvd --help` lists them.
-COMMANDS = ("curate", "shards", "precompute", "train", "sample", "bench", "submit", "jobs")
+COMMANDS = ("curate", "report", "models", "shards", "precompute", "train", "sample", "bench", "submit", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, MissingCheckpoint) as e:
         print(f"lvd {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
