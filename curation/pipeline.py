@@ -71,10 +71,20 @@ def random_stand_ins(found: dict[str, Path]) -> list[str]:
     return [role for role, path in found.items() if is_random_stand_in(path)]
 
 
+def _write_models_used(run_dir: Path, config: CurationConfig, found: dict[str, Path]) -> None:
+    """models.json: which weights scored this run (the report flags random stand-ins)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    models = [{"role": s.role, "source": s.source, "path": str(found[s.role]),
+               "random_stand_in": is_random_stand_in(found[s.role])} for s in model_checkpoints(config)]
+    (run_dir / "models.json").write_text(json.dumps(models, indent=2))
+
+
 def run_curation(config: CurationConfig, address: str | None = None, progress: bool = True) -> Summary:
     if not config.inputs:
         raise ValueError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
-    stand_ins = random_stand_ins(check_models(config))
+    found = check_models(config)
+    stand_ins = random_stand_ins(found)
+    _write_models_used(Path(config.output), config, found)
     if stand_ins:
         print(f"note: tiny random-weight models stand in for {', '.join(stand_ins)} (no real weights here): "
               "their scores and captions mean nothing", file=sys.stderr)
@@ -148,6 +158,7 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar of ours, counted in videos, is what people read
         ctx.verbose_stats_logs = False
+        _check_gpus(config, ray.cluster_resources().get("GPU", 0.0))
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         stage_cpus = sum(getattr(config, section).num_actors * getattr(config, section).num_cpus
                          for _, section in STAGES if getattr(config, section).enabled)
@@ -172,6 +183,18 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_gpus(config: CurationConfig, cluster_gpus: float) -> None:
+    """A stage asking for GPUs the cluster does not have would wait forever for its actors: refuse early."""
+    for _, section in STAGES:
+        stage_cfg = getattr(config, section)
+        if not stage_cfg.enabled or stage_cfg.num_gpus <= 0:
+            continue
+        if stage_cfg.num_gpus > cluster_gpus:
+            raise ValueError(f"{section}.num_gpus is {stage_cfg.num_gpus:g} but the Ray cluster has {cluster_gpus:g} "
+                             f"GPUs, so its actors could never start; set {section}.num_gpus: 0 to run it on CPUs "
+                             "(slow for real models) or run on a cluster with GPUs (--address)")
 
 
 def _collect(ds, ledger: Ledger, num_videos: int, progress: bool) -> None:

@@ -31,7 +31,7 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ class RunData:
     config_text: str | None
     thresholds: dict[str, dict[str, float | None]]
     run_info: dict[str, Any] | None
+    models: list[dict[str, Any]] = field(default_factory=list)  # models.json: the weights that scored the run
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -100,8 +101,10 @@ def load_run(run_dir: str | Path) -> RunData:
             if isinstance(rule, dict):
                 thresholds[str(name)] = {k: _float_or_none(rule.get(k))
                                          for k in ("min", "max", "drop_bottom_pct", "drop_top_pct")}
+    models = _read_json(run_dir / "models.json")
     return RunData(run_dir, videos, clips, funnel if isinstance(funnel, list) else None, config_text,
-                   thresholds, run_info if isinstance(run_info, dict) else None)
+                   thresholds, run_info if isinstance(run_info, dict) else None,
+                   [m for m in models if isinstance(m, dict)] if isinstance(models, list) else [])
 
 
 def score_columns(clips: pd.DataFrame, thresholds: dict[str, Any]) -> list[str]:
@@ -207,7 +210,7 @@ def render(run: RunData, max_clips: int = DEFAULT_MAX_CLIPS) -> str:
         f"<title>{_e(title)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<header><h1>{_e(title)}</h1><p class=\"path\">{_e(str(run.run_dir.absolute()))}</p>",
-        _stats(run), "</header>",
+        _stats(run), _stand_in_warning(run), "</header>",
         '<section id="funnel"><h2>Funnel</h2>', _funnel(run), "</section>",
         '<section id="reasons"><h2>Why clips were not kept</h2>', _reasons(run, groups), "</section>",
         '<section id="scores"><h2>Scores</h2>', _legend(), '<div class="histograms">',
@@ -234,6 +237,14 @@ def _stats(run: RunData) -> str:
     items = "".join(f'<li><span class="stat" data-stat="{k}">{v}</span> {k}</li>' for k, v in stats)
     return (f'<ul class="stats">{items}<li><span class="stat" data-stat="kept_duration" data-seconds="{seconds:.3f}">'
             f'{_duration(seconds)}</span> of kept clips</li></ul>')
+
+
+def _stand_in_warning(run: RunData) -> str:
+    roles = [str(m.get("role")) for m in run.models if m.get("random_stand_in")]
+    if not roles:
+        return ""
+    return (f'<p class="stand-ins" data-roles="{_e(" ".join(roles))}">Tiny random-weight models stood in for '
+            f'{_e(", ".join(roles))}: their scores and captions mean nothing.</p>')
 
 
 def _funnel(run: RunData) -> str:
@@ -477,6 +488,10 @@ def _run_info(run: RunData) -> str:
         out.append(f'<table class="run-info">{rows}</table>')
     else:
         out.append('<p class="empty">no run.json in the run folder</p>')
+    if run.models:
+        rows = "".join(f'<tr><th>{_e(str(m.get("role")))}</th><td>{_e(str(m.get("source")))}</td>'
+                       f'<td>{"random stand-in" if m.get("random_stand_in") else ""}</td></tr>' for m in run.models)
+        out.append(f'<table class="models"><tr><th>model</th><th>checkpoint</th><th></th></tr>{rows}</table>')
     if run.config_text is not None:
         out.append(f'<details open><summary>config.yaml (the resolved recipe)</summary>'
                    f'<pre class="config">{_e(run.config_text)}</pre></details>')
@@ -551,6 +566,7 @@ h3 {{ font-size: 15px; margin: 18px 0 8px; }}
 code, .clip-id, pre {{ font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px; }}
 .stats {{ list-style: none; padding: 0; display: flex; gap: 24px; flex-wrap: wrap; }}
 .stats .stat {{ font-size: 20px; font-weight: 600; }}
+.stand-ins {{ background: #fff4d6; border: 1px solid #e8c66a; padding: 6px 10px; }}
 .funnel-step {{ display: grid; grid-template-columns: 220px 1fr 80px 130px; align-items: center; gap: 8px; margin: 3px 0; }}
 .funnel-name {{ text-align: right; }}
 .funnel-track {{ background: #eef1f5; height: 22px; display: block; }}

@@ -101,3 +101,10 @@ def _check_comparable(clips: pd.DataFrame, thresholds: dict[str, Threshold]) -> 
         if len(engines) > 1:
             raise ValueError(f"text_area scores come from several OCR engines {engines}; thresholds are per "
                              "engine: re-score the run with one engine (text.engine) before thresholding")
+    # Aesthetic and similarity scores of different CLIP models (or heads) are not comparable either.
+    clip_scores = [n for n in ("aesthetic", "caption_similarity") if n in thresholds]
+    if clip_scores and "clip_model" in clips.columns:
+        models = sorted(m for m in clips.loc[clips["status"] == "ok", "clip_model"].dropna().unique() if m)
+        if len(models) > 1:
+            raise ValueError(f"{', '.join(clip_scores)} scores come from several CLIP models {models}; thresholds "
+                             "are per model: re-score the run with one clip.checkpoint before thresholding")

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {state:<15} {spec.role:<28} {spec.source}")
             if spec.note:
                 print(f"  {'':<15} {'':<28} {spec.note}")
-            print(f"  {'':<15} {'':<28} -> {where}")
+            if Path(where) != Path(spec.source).absolute():
+                print(f"  {'':<15} {'':<28} -> {where}")
     if missing:
         print(f"{missing} checkpoint{'s' if missing != 1 else ''} missing", file=sys.stderr)
     return 1 if missing else 0

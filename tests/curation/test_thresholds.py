@@ -52,6 +52,11 @@ def test_unknown_score_and_mixed_engines_are_clear_errors():
     mixed["text_engine"] = ["easyocr", "rapidocr"]
     with pytest.raises(ValueError, match="per engine"):
         apply_thresholds(mixed, {"text_area": Threshold(max=0.07)})
+    two_clips = _clips([0.1, 0.1], [0.1, 0.1]).assign(aesthetic=[5.0, 6.0], clip_model=["a", "b"])
+    with pytest.raises(ValueError, match="several CLIP models"):
+        apply_thresholds(two_clips, {"aesthetic": Threshold(min=5.5)})
+    one_model = two_clips.assign(clip_model=["a", "a"])
+    assert apply_thresholds(one_model, {"aesthetic": Threshold(min=5.5)})[0]["keep"].tolist() == [False, True]
 
 
 @pytest.mark.parametrize("tree, fix", [

@@ -1,0 +1,151 @@
+"""Every model stage through the real pipeline (tiny random-weight models loaded from disk), the
+checkpoint pre-flight, `lvd models`, dedup in the funnel, and a GPU request the cluster cannot meet."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.checkpoints import MissingCheckpoint
+from curation.synthetic import moving_square, static_frame, write_video
+from tests.curation.conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from curation.tiny_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny_models"), max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    write_video(folder / "moving.mp4", moving_square(48, speed=4.0))
+    shutil.copy(folder / "moving.mp4", folder / "moving_again.mp4")  # an exact duplicate under another name
+    write_video(folder / "other.mp4", moving_square(48, speed=-3.0, color_index=2))
+    write_video(folder / "static.mp4", static_frame(48))
+    return folder
+
+
+def _config(tmp_path, videos, tiny, **sections):
+    from curation.thresholds import Threshold
+
+    sections = {"text": {"enabled": False},
+                "caption": {**tiny["caption"], "batch_size": 4, "only_if": {"motion_score": {"min": 0.002}}},
+                "clip": {**tiny["clip"], "batch_size": 4}, **sections}
+    config = make_config(tmp_path, [videos], **sections)
+    return config.model_copy(update={"thresholds": {"motion_score": Threshold(min=0.002)}})  # no text_area rule
+
+
+def test_all_stages_fill_the_ledger(tmp_path, videos, tiny, local_ray):
+    from curation.pipeline import run_curation
+
+    config = _config(tmp_path, videos, tiny, dedup={"near": False})
+    summary = run_curation(config, progress=False)
+    assert summary.stand_ins == ["caption.image.checkpoint", "caption.video.model", "caption.summary.model",
+                                 "clip.checkpoint", "clip.aesthetic_head"]
+    clips = pd.read_parquet(config.output + "/ledger/clips.parquet").set_index("clip_id")
+    usable = clips[clips["status"] == "ok"]
+    assert len(usable) == 4
+    moving = usable[usable["motion_score"] >= 0.002]
+    static = usable[usable["motion_score"] < 0.002]
+    assert len(moving) == 3 and len(static) == 1
+
+    # captions: three sources, weights 0.5/0.25/0.25, only on the clips that pass only_if
+    for caps in moving["captions"]:
+        assert [c["source"] for c in caps] == ["image", "video", "summary"]
+        assert [c["weight"] for c in caps] == [0.5, 0.25, 0.25]
+        assert all(c["text"].strip() for c in caps)
+    assert static["captions"].isna().all()
+    # CLIP: unit-norm first/middle/last embeddings; aesthetic and similarity on every usable clip
+    for emb in usable["clip_embedding"]:
+        e = np.stack(emb)
+        assert e.shape[0] == 3 and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert usable["aesthetic"].notna().all() and moving["caption_similarity"].notna().all()
+    assert static["caption_similarity"].isna().all()  # no captions: nothing to compare
+    # the copied video is an exact duplicate: same hash, one of the pair dropped for the other
+    hashes = moving["content_hash"].value_counts()
+    assert hashes.max() == 2
+    dup = clips[clips["decision"].str.startswith("duplicate: exact of ")]
+    assert len(dup) == 1 and dup["dup_of"].iloc[0] in moving.index and dup["dup_similarity"].iloc[0] == 1.0
+    funnel = {s["step"]: s["count"] for s in summary.funnel}
+    assert funnel["dedup exact"] == funnel["motion_score"] - 1
+    assert "dedup near" not in funnel
+    # thumbnails: a strip per usable clip, inside the run folder
+    for rel in usable["thumb_path"]:
+        assert (tmp_path / "run" / rel).stat().st_size > 0
+
+    # the report says which weights were random stand-ins
+    from curation.report import write_report
+
+    html = write_report(tmp_path / "run").read_text()
+    assert 'class="stand-ins" data-roles="caption.image.checkpoint caption.video.model caption.summary.model ' \
+           'clip.checkpoint clip.aesthetic_head"' in html
+
+    # re-deciding never decodes or runs a model: near-dedup and a new rule from the stored columns
+    from curation.ledger import Ledger
+    from curation.pipeline import finalize
+
+    strict = config.model_copy(update={"dedup": config.dedup.model_copy(update={"near": True, "near_threshold": 0.5})})
+    again = finalize(strict, Ledger(config.output), None)
+    steps = {s["step"]: s["count"] for s in again.funnel}
+    assert steps["dedup near"] == 1  # random tiny CLIP: every kept clip is within cosine 0.5 of the others
+
+
+def test_missing_checkpoints_stop_the_run_before_any_decode(tmp_path, videos, tiny, monkeypatch):
+    import curation.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_run_ray", lambda *a, **k: pytest.fail("decoding started"))
+    config = make_config(tmp_path, [videos], text={"enabled": False},
+                         clip={"checkpoint": str(tmp_path / "no_such_clip"), "aesthetic_head": None},
+                         caption={**tiny["caption"], "summary": {"model": "hf-hub:nobody/no-such-lm"}})
+    with pytest.raises(MissingCheckpoint) as err:
+        pipeline.run_curation(config, progress=False)
+    msg = str(err.value)
+    assert "nothing was decoded" in msg
+    assert f"clip.checkpoint: checkpoint {tmp_path / 'no_such_clip'} not found" in msg
+    assert "caption.summary.model: the nobody/no-such-lm repository is not in the Hugging Face cache" in msg
+    assert "hf download nobody/no-such-lm" in msg
+    assert not (tmp_path / "run" / "ledger").exists()
+
+
+def test_a_gpu_request_the_cluster_cannot_meet_is_refused(tmp_path, videos, tiny, local_ray):
+    from curation.pipeline import run_curation
+
+    config = _config(tmp_path, videos, tiny, clip={**tiny["clip"], "batch_size": 4, "num_gpus": 0.5})
+    with pytest.raises(ValueError, match=r"clip.num_gpus is 0.5 but the Ray cluster has 0 GPUs.*clip.num_gpus: 0"):
+        run_curation(config, progress=False)
+
+
+def test_lvd_models_lists_what_a_recipe_needs(tmp_path, tiny, capsys):
+    from jobs.cli import main
+
+    recipe = "recipes/curation/demo.yaml"
+    sets = [f"clip.checkpoint={tiny['clip']['checkpoint']}", f"clip.aesthetic_head={tiny['clip']['aesthetic_head']}",
+            f"caption.image.checkpoint={tiny['caption']['image']['checkpoint']}",
+            f"caption.video.model={tiny['caption']['video']['model']}",
+            f"caption.summary.model={tiny['caption']['summary']['model']}"]
+    args = ["models", recipe] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for role in ("text.model_dir", "caption.image.checkpoint", "caption.video.model", "caption.summary.model",
+                 "clip.checkpoint", "clip.aesthetic_head"):
+        assert role in out
+    assert out.count("random stand-in") == 5 and out.count("present") == 1  # EasyOCR's real CRAFT weights
+
+    assert main(args + ["--set", f"clip.checkpoint={tmp_path / 'gone'}"]) == 1
+    captured = capsys.readouterr()
+    assert "MISSING" in captured.out and f"{tmp_path / 'gone'} not found" in captured.out
+    assert "1 checkpoint missing" in captured.err
+
+
+def test_lvd_models_reads_training_recipes(capsys):
+    from jobs.cli import main
+
+    assert main(["models", "recipes/train/stage3_hq.yaml"]) == 1  # its init_from is stage 2's future output
+    out = capsys.readouterr().out
+    assert "(train recipe)" in out and "init_from" in out and "MISSING" in out
