@@ -36,6 +36,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_loader_arguments(loader)
     loader.set_defaults(run=run_loader)
 
+    from curation.bench_stages import DEFAULT_RECIPE, __doc__ as stages_doc
+
+    s = which.add_parser("stages", help="clips/s of the model stages (text, caption, clip): batched vs one clip per call",
+                         description=stages_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--recipe", default=DEFAULT_RECIPE, help="curation recipe (default: %(default)s)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting (repeatable), e.g. --set clip.precision=bf16")
+    s.add_argument("--stages", default=None, metavar="LIST",
+                   help="comma-separated recipe sections to time, of text,caption,clip (default: every enabled one)")
+    s.add_argument("--clips", type=int, default=32,
+                   help="clips timed per batch size, rounded up to whole batches (default 32)")
+    s.add_argument("--batch-sizes", default=None, metavar="LIST",
+                   help="comma-separated batch sizes, e.g. 1,16,64 (default: 1 and the stage's batch_size); "
+                        "the ratio compares each with the smallest")
+    s.add_argument("--tiny", action="store_true",
+                   help="build tiny random-weight stand-ins in a temporary folder and point the recipe's clip "
+                        "and caption sections at them (no real weights needed)")
+    s.add_argument("--device", default=None, metavar="cpu|cuda|cpu,cuda",
+                   help="run the stages on the CPU (num_gpus 0) or one GPU (num_gpus 1), or both to compare "
+                        "(default: where the recipe puts each stage)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads per stage (default: what a Ray actor of the stage gets, floor(num_cpus))")
+    s.set_defaults(run=run_stages)
+
 
 def run_curate(args: argparse.Namespace) -> int:
     from common.config import load_recipe
@@ -50,6 +74,25 @@ def run_curate(args: argparse.Namespace) -> int:
             print(f"writing {args.videos} synthetic videos ({args.seconds:g} s, {args.height}p)...")
             videos = make_bench_videos(Path(tmp), args.videos, args.seconds, args.height)
         result = run_bench(config, videos, args.workers)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def run_stages(args: argparse.Namespace) -> int:
+    import sys
+
+    from curation.bench_stages import bench_stages, load_config, parse_batch_sizes, parse_list
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="lvd-bench-tiny-") as tmp:
+        if args.tiny:
+            say("building tiny random-weight stand-ins...")
+        config = load_config(args.recipe, args.overrides, tiny_root=tmp if args.tiny else None)
+        result = bench_stages(config, stages=parse_list(args.stages, "--stages"), clips=args.clips,
+                              batch_sizes=parse_batch_sizes(args.batch_sizes),
+                              devices=parse_list(args.device, "--device"), threads=args.threads, progress=say)
     print("\n".join(result.lines()))
     return 0
 

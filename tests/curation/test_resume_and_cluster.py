@@ -44,7 +44,7 @@ def _assert_same_ledger(a: Path, b: Path) -> None:
 
 
 def test_killed_run_resumes_to_the_same_ledger_as_a_clean_run(tmp_path):
-    src = _inputs(tmp_path / "videos", 8)
+    src = _inputs(tmp_path / "videos", 12)
     recipe = tmp_path / "recipe.yaml"
     cfg = make_config(tmp_path, [src], text={"enabled": False}, decode={"num_workers": 1})
     tree = cfg.model_dump(mode="json")
@@ -57,13 +57,13 @@ def test_killed_run_resumes_to_the_same_ledger_as_a_clean_run(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = killed_dir / "ledger" / "parts"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(parts.glob("*.videos.parquet"))) < 2:
+    while time.monotonic() < deadline and len(list(parts.glob("*.videos.parquet"))) < 1:
         assert proc.poll() is None, "the run finished before it could be killed; give it more videos"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, nothing else
     proc.wait()
     done_before = len(list(parts.glob("*.videos.parquet")))
-    assert 2 <= done_before < 8
+    assert 1 <= done_before < 12
     assert not (killed_dir / "ledger" / "clips.parquet").exists()
 
     subprocess.run([*cmd, "--set", f"output={killed_dir}"], cwd=REPO, env=env, check=True, timeout=600,

@@ -19,6 +19,10 @@ class RecordingStage(Stage):
 
     name = "recording"
     columns = ("mean_pixel", "seen_caption")
+    setups = 0
+
+    def setup(self) -> None:
+        RecordingStage.setups += 1
 
     def __call__(self, batch: ClipBatch) -> StageResult:
         return StageResult({"mean_pixel": [float(f.mean()) for f in batch.key_frames],
@@ -47,6 +51,14 @@ def test_context_carries_the_record_and_earlier_stages():
     assert [r["seen_caption"] for r in out[:2]] == ["caption 0", "caption 1"]
     assert out[0]["mean_pixel"] < out[1]["mean_pixel"]
     assert out[2] is None  # the video row is passed on unscored
+
+
+def test_weights_load_once_per_actor():
+    before = RecordingStage.setups
+    actor = StageActor(f"{__name__}.RecordingStage", {})
+    for _ in range(3):
+        actor(_table([0.1]))
+    assert RecordingStage.setups - before == 1
 
 
 def test_only_if_skips_clips_that_fail_fixed_bounds():
