@@ -38,6 +38,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(LVD) bench curate --recipe recipes/curation/cpu_fast.yaml
+	$(LVD) bench stages --tiny
 	$(LVD) bench loader
 	$(LVD) bench train --latents
 

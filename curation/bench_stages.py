@@ -318,6 +318,10 @@ def bench_stages(config: CurationConfig, stages: list[str] | None = None, clips:
         raise ConfigError(f"--clips ({clips}) must be at least 1; use e.g. 32")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads ({threads}) must be at least 1, or left out for the threads of a Ray actor")
+    if batch_sizes is not None:
+        batch_sizes = sorted(set(batch_sizes))
+        if not batch_sizes or batch_sizes[0] < 1:
+            raise ConfigError(f"batch sizes {batch_sizes} must be whole numbers of at least 1; use e.g. 1,16")
     sections = select_stages(config, stages)
     check_devices(devices)
     plans = [(s, d, stage_config(config, s, d)) for s in sections for d in (devices or [None])]  # validates first

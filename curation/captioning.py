@@ -151,10 +151,15 @@ class VideoCaptionConfig(_Captioner):
     """The user message after the frames."""
     system: str | None = None
     """An optional system message (only for models whose chat template takes one)."""
+    num_frames: int = 8
+    """Frames of the clip the model sees, evenly spaced from its first to its last frame. They come from
+    the one decode (decode.key_frames: sampled, so at most decode.key_frame_fps per second of clip: a
+    short clip gives fewer) or from the targeted second pass (exact). 3 reuses the first/middle/last key
+    frames and sends nothing extra through the pipeline."""
     frames_as: Literal["images", "video"] = "images"
-    """images: the K key frames as K images of one message (any multi-image VLM). video: as one K-frame
-    video, through the processor's video processor (LLaVA-OneVision, Qwen2-VL, ...; setup fails with a
-    clear error when the processor has none)."""
+    """images: the frames as images of one message (any multi-image VLM). video: as one video, through
+    the processor's video processor (LLaVA-OneVision, Qwen2-VL, ...; setup fails with a clear error when
+    the processor has none)."""
     trust_remote_code: bool = False
     """Allows a model folder to run its own Python code at load time. A risk: only for models whose code
     you have read, since it executes with the pipeline's permissions."""
@@ -165,6 +170,14 @@ class VideoCaptionConfig(_Captioner):
         if not v.strip():
             raise ValueError("prompt is empty; write the instruction the model answers, e.g. 'Describe what "
                              "happens in this video in one or two sentences.'")
+        return v
+
+    @pydantic.field_validator("num_frames")
+    @classmethod
+    def _num_frames(cls, v: int) -> int:
+        if not 3 <= v <= 32:
+            raise ValueError(f"num_frames ({v}) must lie in [3, 32]: 3 reuses the first/middle/last key frames; "
+                             "8 is typical for small video-language models")
         return v
 
 
@@ -293,6 +306,7 @@ class Captioning(Stage):
     name = "caption"
     Config = CaptionConfig
     columns = ("captions",)
+    uses_clip_frames = True  # the video captioner's evenly spaced frames (caption.video.num_frames)
 
     def __init__(self, config: CaptionConfig | None = None, captioners: dict[str, Any] | None = None) -> None:
         """`captioners` ({"image"|"video"|"summary": object with .caption(list)}) replaces the models that
@@ -369,7 +383,7 @@ class Captioning(Stage):
             record("image", {i: batch.key_frames[i][len(batch.key_frames[i]) // 2] for i in ok},
                    self._captioners["image"].caption)
         if cfg.video.enabled:
-            record("video", {i: list(batch.key_frames[i]) for i in ok}, self._captioners["video"].caption)
+            record("video", {i: list(_video_frames(batch, i)) for i in ok}, self._captioners["video"].caption)
         if cfg.summary.enabled:
             prompts = {i: cfg.summary.render(texts[i].get("image"), texts[i].get("video"))
                        for i in ok if texts[i].get("image") or texts[i].get("video")}
@@ -413,3 +427,10 @@ class Captioning(Stage):
         if len(out) != len(keys) or not all(isinstance(t, str) for t in out):
             raise RuntimeError(f"the captioner returned {len(out)} values for {len(keys)} inputs, not one text each")
         return dict(zip(keys, out, strict=True))
+
+
+def _video_frames(batch: ClipBatch, i: int) -> Any:
+    """The clip's evenly spaced frames (caption.video.num_frames) when the pipeline sent them, else its
+    first/middle/last key frames."""
+    frames = batch.clip_frames[i] if batch.clip_frames else None
+    return frames if frames is not None and key_frames_problem(frames) is None else batch.key_frames[i]

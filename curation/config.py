@@ -88,6 +88,12 @@ class CurationConfig(Config):
     dedup: DedupConfig = DedupConfig()  # after the thresholds, among the clips they keep
     ray: RayConfig = RayConfig()
 
+    def clip_frames_per_clip(self) -> int:
+        """Evenly spaced frames each clip sends through the pipeline besides its three key frames: the video
+        captioner's caption.video.num_frames, or 0 when no enabled stage wants more than the key frames."""
+        video = self.caption.video
+        return video.num_frames if self.caption.enabled and video.enabled and video.num_frames > 3 else 0
+
     @pydantic.field_validator("extensions")
     @classmethod
     def _dotted(cls, v: list[str]) -> list[str]:

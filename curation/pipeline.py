@@ -178,7 +178,7 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
                                 batch_size=stage_cfg.batch_size, batch_format="pyarrow",
                                 compute=ray.data.ActorPoolStrategy(size=stage_cfg.num_actors),
                                 num_cpus=stage_cfg.num_cpus, num_gpus=stage_cfg.num_gpus)
-        ds = ds.drop_columns(["key_frames"])
+        ds = ds.drop_columns(["key_frames", "clip_frames"])
         _collect(ds, ledger, len(todo), progress)
     finally:
         if started:

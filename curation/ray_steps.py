@@ -21,9 +21,10 @@ from curation.isolation import IsolatedWorker
 from curation.stage import ClipBatch, Stage
 from curation.video_task import VideoOutput, decode_jpegs, prepare, process_video, video_row
 
-def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, frames: list[bytes] | None = None) -> dict:
+def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, frames: list[bytes] | None = None,
+         clip_frames: list[bytes] | None = None) -> dict:
     return {"row_type": row_type, "video_id": video_id, "clip_id": clip_id, "status": status,
-            "record": json.dumps(record), "key_frames": frames or []}
+            "record": json.dumps(record), "key_frames": frames or [], "clip_frames": clip_frames or []}
 
 
 class VideoActor:
@@ -42,7 +43,7 @@ class VideoActor:
         rows = [_row("video", video_id, "", out.video["status"], out.video)]
         for clip in out.clips:
             rows.append(_row("clip", video_id, clip["clip_id"], clip["status"], clip,
-                             out.key_frames.get(clip["clip_id"])))
+                             out.key_frames.get(clip["clip_id"]), out.clip_frames.get(clip["clip_id"])))
         return rows
 
     def _process(self, source: str, video_id: str) -> VideoOutput:
@@ -88,9 +89,13 @@ class StageActor:
         results = [""] * batch.num_rows
         if todo:
             key_frames = batch.column("key_frames")
+            spread = batch.column("clip_frames") if "clip_frames" in batch.column_names else None
+            clip_frames = None
+            if spread is not None and self.stage.uses_clip_frames:
+                clip_frames = [decode_jpegs(f) if (f := spread[i].as_py()) else None for i in todo]
             res = self.stage(ClipBatch([clip_ids[i] for i in todo],
                                        [decode_jpegs(key_frames[i].as_py()) for i in todo],
-                                       [context[i] for i in todo]))
+                                       [context[i] for i in todo], clip_frames))
             for j, i in enumerate(todo):
                 entry = {col: _plain(values[j]) for col, values in res.scores.items()}
                 if res.reasons and res.reasons[j]:

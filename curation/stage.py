@@ -39,6 +39,9 @@ class ClipBatch:
     clip_ids: list[str]
     key_frames: list[np.ndarray]
     context: list[dict[str, Any]] = field(default_factory=list)
+    clip_frames: list[np.ndarray | None] | None = None
+    """N x H x W x 3 frames evenly spaced over each clip, for stages that look at the clip as a video
+    (only sent when such a stage asks for more than the three key frames; None otherwise)."""
 
     def __post_init__(self) -> None:
         if not self.context:
@@ -104,6 +107,7 @@ class Stage:
     name: ClassVar[str]
     Config: ClassVar[type[StageConfig]] = StageConfig
     columns: ClassVar[tuple[str, ...]]  # the score columns this stage writes
+    uses_clip_frames: ClassVar[bool] = False  # whether it reads ClipBatch.clip_frames (decoded only then)
 
     def __init__(self, config: StageConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

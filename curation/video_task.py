@@ -40,6 +40,7 @@ class VideoOutput:
     video: dict
     clips: list[dict] = field(default_factory=list)
     key_frames: dict[str, list[bytes]] = field(default_factory=dict)  # clip_id -> first/middle/last as JPEG
+    clip_frames: dict[str, list[bytes]] = field(default_factory=dict)  # clip_id -> evenly spaced frames (JPEG)
 
 
 def prepare(source: str, max_pixels: int) -> Prepared:
@@ -99,8 +100,17 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
         if span.drop_reason is None:
             picked = sampled.pick(span.start, span.end) if sampled else None
             keys_of[n] = picked if picked is not None else key_frame_indices(span.start, span.end)
-    # exact mode, and clips too short to hold a sample, read their key frames in a second pass
-    wanted = sorted({i for keys in keys_of.values() for i in keys if not (sampled and sampled.has(i))})
+    # evenly spaced frames for a stage that looks at the clip as a video (caption.video.num_frames)
+    num_clip_frames = config.clip_frames_per_clip()
+    spread_of: dict[int, tuple[int, ...]] = {}
+    if num_clip_frames:
+        for n in keys_of:
+            span = spans[n]
+            picked = sampled.pick_evenly(span.start, span.end, num_clip_frames) if sampled else None
+            spread_of[n] = picked if picked else evenly_spaced(span.start, span.end, num_clip_frames)
+    # exact mode, and clips too short to hold a sample, read their frames in a second pass
+    wanted = sorted({i for keys in (*keys_of.values(), *spread_of.values()) for i in keys
+                     if not (sampled and sampled.has(i))})
     frames: dict[int, np.ndarray] = {}
     key_frame_error = "key_frames: could not decode the clip's first/middle/last frame"
     if wanted:
@@ -125,6 +135,10 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
                 row.update(status="failed", reason=key_frame_error)
             else:
                 out.key_frames[clip_id] = keys
+                spread = [sampled.jpeg(i) if sampled and sampled.has(i) else
+                          (encode_jpeg(frames[i]) if i in frames else None) for i in spread_of.get(n, ())]
+                if spread and all(f is not None for f in spread):  # else the stage falls back to the key frames
+                    out.clip_frames[clip_id] = spread
                 row["content_hash"] = content_hash(keys, row["num_frames"])
                 row["thumb_path"] = _write_thumbnail(keys, Path(run_dir), video_id, clip_id)
                 if score is None:
@@ -172,6 +186,21 @@ class SampledKeyFrames:
         if not inside:
             return None
         return tuple(min(inside, key=lambda i: (abs(i - target), i)) for target in key_frame_indices(start, end))
+
+    def pick_evenly(self, start: int, end: int, count: int) -> tuple[int, ...] | None:
+        """The distinct samples inside [start, end) nearest `count` evenly spaced frames of it, in order;
+        None when no sample lies inside."""
+        lo, hi = bisect.bisect_left(self._index, start), bisect.bisect_left(self._index, end)
+        inside = self._index[lo:hi]
+        if not inside:
+            return None
+        return tuple(sorted({min(inside, key=lambda i: (abs(i - t), i)) for t in evenly_spaced(start, end, count)}))
+
+
+def evenly_spaced(start: int, end: int, count: int) -> tuple[int, ...]:
+    """`count` frames of [start, end) evenly spaced from its first to its last frame (fewer, all distinct,
+    when the clip is shorter than that)."""
+    return tuple(sorted({int(round(x)) for x in np.linspace(start, end - 1, count)}))
 
 
 def key_frame_indices(start: int, end: int) -> tuple[int, int, int]:

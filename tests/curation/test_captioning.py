@@ -383,3 +383,20 @@ def test_setup_warns_that_stand_ins_mean_nothing(tiny, caplog):
         Captioning(_config(tiny, video={"enabled": False}, summary={"enabled": False})).ensure_setup()
     assert "caption.image.checkpoint is a tiny random-weight stand-in" in caplog.text
     assert "caption.video.model" not in caplog.text
+
+
+def test_the_video_captioner_sees_the_clip_frames_when_the_pipeline_sends_them(tiny):
+    video = Stub(lambda frames: f"{len(frames)} frames")
+    s = Captioning(_config(tiny), captioners={"image": Stub(lambda f: "a frame"), "video": video,
+                                              "summary": Stub(lambda p: "both")})
+    spread = np.stack(list(moving_square(8, h=60, w=80)))
+    result = s(ClipBatch(["a", "b", "c"], [_frames(0), _frames(1), _frames(2)], clip_frames=[spread, None, spread[:, :, :, :2]]))
+    texts = [{c["source"]: c["text"] for c in caps}["video"] for caps in result.scores["captions"]]
+    # 8 evenly spaced frames when sent; the 3 key frames when not, or when the sent ones are unusable
+    assert texts == ["8 frames", "3 frames", "3 frames"]
+    assert s(ClipBatch(["a"], [_frames(0)])).scores["captions"][0][1]["text"] == "3 frames"
+
+
+def test_num_frames_range_names_the_fix(tiny):
+    with pytest.raises(ValueError, match=r"num_frames \(2\) must lie in \[3, 32\]"):
+        _config(tiny, video={"num_frames": 2})

@@ -149,3 +149,36 @@ def test_lvd_models_reads_training_recipes(capsys):
     assert main(["models", "recipes/train/stage3_hq.yaml"]) == 1  # its init_from is stage 2's future output
     out = capsys.readouterr().out
     assert "(train recipe)" in out and "init_from" in out and "MISSING" in out
+
+
+def test_lvd_models_download_fills_the_cache_for_hf_references(tmp_path, monkeypatch, capsys):
+    """--download goes through huggingface_hub (faked here: no network in tests); local paths are only checked."""
+    import huggingface_hub
+
+    from jobs.cli import main
+
+    fetched = []
+
+    def fake_snapshot(repo, **kw):
+        fetched.append((repo, None))
+        return str(_folder(repo))
+
+    def _folder(repo):
+        folder = tmp_path / "cache" / repo.replace("/", "--")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "tokenizer_config.json").write_text("{}")
+        return folder
+
+    def fake_file(repo, filename, **kw):
+        fetched.append((repo, filename))
+        (_folder(repo) / filename).write_bytes(b"weights")
+        return str(_folder(repo) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    rc = main(["models", "recipes/curation/default.yaml", "--download", "--set", "caption.enabled=false"])
+    out = capsys.readouterr().out
+    assert fetched == [("timm/vit_large_patch14_clip_224.openai", "open_clip_pytorch_model.bin"),
+                       ("camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth")]
+    assert rc == 0 and "MISSING" not in out and out.count("present") == 3, out

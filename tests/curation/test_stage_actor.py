@@ -29,6 +29,20 @@ class RecordingStage(Stage):
                             "seen_caption": [c.get("caption") for c in batch.context]})
 
 
+class VideoStage(RecordingStage):
+    """Reads the evenly spaced clip frames too."""
+
+    name = "recording"
+    columns = ("mean_pixel", "seen_caption", "num_clip_frames")
+    uses_clip_frames = True
+
+    def __call__(self, batch: ClipBatch) -> StageResult:
+        res = super().__call__(batch)
+        frames = batch.clip_frames or [None] * len(batch)
+        res.scores["num_clip_frames"] = [None if f is None else len(f) for f in frames]
+        return res
+
+
 def _table(motion: list[float | None]) -> pa.Table:
     rows = []
     for i, m in enumerate(motion):
@@ -36,8 +50,10 @@ def _table(motion: list[float | None]) -> pa.Table:
         rows.append({"row_type": "clip", "video_id": "v", "clip_id": f"c{i}", "status": "ok",
                      "record": json.dumps({"clip_id": f"c{i}", "motion_score": m}), "key_frames": frames,
                      "stage_earlier": json.dumps({"caption": f"caption {i}"})})
+    for row in rows:
+        row["clip_frames"] = [encode_jpeg(np.full((8, 8, 3), 10 * k, np.uint8)) for k in range(5)]
     rows.append({"row_type": "video", "video_id": "v", "clip_id": "", "status": "ok", "record": "{}",
-                 "key_frames": [], "stage_earlier": ""})
+                 "key_frames": [], "clip_frames": [], "stage_earlier": ""})
     return pa.Table.from_pylist(rows)
 
 
@@ -59,6 +75,13 @@ def test_weights_load_once_per_actor():
     for _ in range(3):
         actor(_table([0.1]))
     assert RecordingStage.setups - before == 1
+
+
+def test_clip_frames_reach_only_the_stages_that_read_them():
+    out = _results(StageActor(f"{__name__}.VideoStage", {})(_table([0.1, 0.2])))
+    assert [r["num_clip_frames"] for r in out[:2]] == [5, 5]
+    plain = StageActor(f"{__name__}.RecordingStage", {})
+    assert "num_clip_frames" not in _results(plain(_table([0.1])))[0]
 
 
 def test_only_if_skips_clips_that_fail_fixed_bounds():

@@ -68,3 +68,32 @@ def test_sampled_key_frames_are_the_decoded_frames_inside_each_clip_near_first_m
         frames = decode_jpegs(outs["sampled"].key_frames[clip["clip_id"]])
         for frame, index in zip(frames, picked):
             assert np.abs(frame.astype(int) - reference[index].astype(int)).mean() < 3  # JPEG q95
+
+
+def test_clip_frames_for_the_video_captioner_are_evenly_spaced_inside_each_clip(tmp_path):
+    import numpy as np
+
+    from curation.config import CurationConfig
+    from curation.synthetic import hard_cuts
+    from curation.video_task import decode_jpegs, evenly_spaced, prepare, process_video
+
+    assert evenly_spaced(0, 100, 5) == (0, 25, 50, 74, 99)
+    assert evenly_spaced(10, 13, 8) == (10, 11, 12)  # a short clip gives fewer, distinct frames
+    path = write_video(tmp_path / "shots.mp4", hard_cuts([40, 90], 150), 24)
+    for mode in ("sampled", "exact"):
+        tree = {"output": str(tmp_path), "clips": {"mode": "none"}, "cuts": {"clip_min_s": 1.0, "clip_max_s": 4.0},
+                "decode": {"key_frames": mode, "key_frame_fps": 8},
+                "caption": {"video": {"num_frames": 5}, "image": {"enabled": False}, "summary": {"enabled": False}}}
+        cfg = CurationConfig.model_validate(tree)
+        assert cfg.clip_frames_per_clip() == 5
+        out = process_video(str(path), "v", prepare(str(path), cfg.decode.max_pixels), cfg, str(tmp_path))
+        usable = [c for c in out.clips if c["status"] == "ok"]
+        assert len(usable) == 3
+        for clip in usable:
+            frames = decode_jpegs(out.clip_frames[clip["clip_id"]])
+            assert len(frames) == 5 and frames.shape[1:] == decode_jpegs(out.key_frames[clip["clip_id"]]).shape[1:]
+            # the moving square advances between the frames: they are distinct moments of the clip
+            assert all(np.abs(frames[k].astype(int) - frames[k + 1].astype(int)).mean() > 0.5 for k in range(4))
+        # nothing extra when no stage asks for more than the key frames
+        off = CurationConfig.model_validate({**tree, "caption": {**tree["caption"], "video": {"num_frames": 3}}})
+        assert off.clip_frames_per_clip() == 0
