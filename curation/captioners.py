@@ -22,7 +22,6 @@ reproduced.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -32,17 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.checkpoints import MissingCheckpoint
+from curation.open_clip_loading import load_open_clip
 
 log = logging.getLogger(__name__)
 
 COCA_SOT = 49406  # open_clip's SimpleTokenizer: <start_of_text>
 COCA_EOT = 49407  # <end_of_text>
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-# open_clip's own preference when a folder holds several weight files (factory._find_checkpoint_in_dir).
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth",
-                     "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,32 +67,11 @@ class CocaCaptioner:
     def __init__(self, checkpoint: Path, model: str, *, device: str = "cpu", dtype: str = "fp32",
                  max_new_tokens: int = 28, min_new_tokens: int = 4, num_beams: int = 1,
                  repetition_penalty: float = 1.0) -> None:
-        from common.torch_compat import ensure_torchvision_importable
-
-        ensure_torchvision_importable()
-        import open_clip
-
-        checkpoint = Path(checkpoint)
         precision = "fp32" if dtype == "fp32" else "pure_bf16"
-        if checkpoint.is_dir() and (checkpoint / OPEN_CLIP_CONFIG).is_file():
-            name = f"local-dir:{checkpoint}"
-            if not any((checkpoint / f).is_file() for f in OPEN_CLIP_WEIGHTS):
-                raise MissingCheckpoint(f"caption.image.checkpoint: {checkpoint} has {OPEN_CLIP_CONFIG} but no "
-                                        f"weights file (one of {', '.join(OPEN_CLIP_WEIGHTS[:3])}); copy the "
-                                        "weights next to it")
-            self.model, self.preprocess = open_clip.create_model_from_pretrained(
-                name, device=device, precision=precision, weights_only=True)
-            self.tokenizer = open_clip.get_tokenizer(name)
-            arch = json.loads((checkpoint / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
-        else:
-            weights = _open_clip_weights(checkpoint)
-            if open_clip.get_model_config(model) is None:
-                raise ValueError(f"open_clip has no architecture named {model!r} (e.g. coca_ViT-L-14, "
-                                 f"coca_ViT-B-32); set caption.image.model to the one {weights} was trained as")
-            self.model, self.preprocess = open_clip.create_model_from_pretrained(
-                model, pretrained=str(weights), device=device, precision=precision, weights_only=True)
-            self.tokenizer = open_clip.get_tokenizer(model)
-            arch = open_clip.get_model_config(model)
+        loaded = load_open_clip(Path(checkpoint), model, "caption.image.checkpoint", str(checkpoint),
+                                "caption.image.model", device=device, precision=precision)
+        self.model, self.preprocess, self.tokenizer = loaded.model, loaded.preprocess, loaded.tokenizer
+        arch = loaded.model_cfg
         if "multimodal_cfg" not in arch:
             raise ValueError(f"{checkpoint} is an open_clip model without a text decoder (no multimodal_cfg): "
                              "captioning needs a CoCa checkpoint")
@@ -125,17 +98,6 @@ class CocaCaptioner:
 
     def caption(self, frames: Sequence[np.ndarray]) -> list[str]:
         return [self.decode(ids) for ids in self.tokens(frames)]
-
-
-def _open_clip_weights(path: Path) -> Path:
-    if path.is_file():
-        return path
-    for name in OPEN_CLIP_WEIGHTS:
-        if (path / name).is_file():
-            return path / name
-    raise MissingCheckpoint(f"caption.image.checkpoint: {path} holds no open_clip weights (one of "
-                            f"{', '.join(OPEN_CLIP_WEIGHTS[:3])}) and no {OPEN_CLIP_CONFIG}; point it at a CoCa "
-                            "weights file or a folder holding one")
 
 
 def _process_logits(logits: torch.Tensor, seqs: torch.Tensor, step: int, min_new_tokens: int,

@@ -36,28 +36,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pydantic
 
 from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_hf, is_random_stand_in, resolve, split_hf
+from curation.open_clip_loading import OPEN_CLIP_CONFIG, load_open_clip, open_clip_models
 from curation.stage import ClipBatch, Stage, StageConfig, StageResult
 from curation.text_area import key_frames_problem
 
 log = logging.getLogger(__name__)
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-# The weight files open_clip's local-dir loader prefers (its own order); a folder needs one of them.
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
-                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 DEFAULT_CHECKPOINT = "hf-hub:timm/vit_large_patch14_clip_224.openai/open_clip_pytorch_model.bin"
 DEFAULT_HEAD = "hf-hub:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth"
 
@@ -95,7 +88,7 @@ class ClipScoreConfig(StageConfig):
     @pydantic.field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        known = _open_clip_models()
+        known = open_clip_models()
         if known is not None and v not in known:
             import difflib
 
@@ -131,8 +124,9 @@ class ClipScoreConfig(StageConfig):
         return self
 
     def checkpoints(self) -> list[CheckpointSpec]:
-        specs = [CheckpointSpec("clip.checkpoint", self.checkpoint, expect=(OPEN_CLIP_CONFIG,),
-                                note=f"open_clip CLIP weights (architecture {self.model} when a single file)")]
+        specs = [CheckpointSpec("clip.checkpoint", self.checkpoint,
+                                note=f"open_clip CLIP: a hub folder ({OPEN_CLIP_CONFIG} + weights) or weights of "
+                                     f"architecture {self.model}")]
         if self.aesthetic_head is not None:
             specs.append(CheckpointSpec("clip.aesthetic_head", self.aesthetic_head,
                                         note="LAION aesthetic head on the CLIP image embedding"))
@@ -339,7 +333,9 @@ def load(config: ClipScoreConfig) -> _Loaded:
         log.warning("clip: precision fp16 without a GPU; running in fp32")
         dtype = None
 
-    model, preprocess, tokenizer, identity = _load_open_clip(config, clip_path, device)
+    loaded = load_open_clip(clip_path, config.model, "clip.checkpoint", config.checkpoint, "clip.model",
+                            device=device)
+    model, preprocess, tokenizer, identity = loaded.model, loaded.preprocess, loaded.tokenizer, loaded.identity
     embed_dim = _embed_dim(model, preprocess, device)
     head = None
     if head_path is not None:
@@ -352,54 +348,6 @@ def load(config: ClipScoreConfig) -> _Loaded:
     return _Loaded(model, preprocess, tokenizer, head, device, dtype, identity, embed_dim)
 
 
-def _load_open_clip(config: ClipScoreConfig, path: Path, device) -> tuple[Any, Any, Any, str]:
-    from common.torch_compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
-    import open_clip
-
-    if path.is_dir():
-        if not any((path / name).is_file() for name in OPEN_CLIP_WEIGHTS):
-            raise MissingCheckpoint(
-                f"clip.checkpoint: {path} has {OPEN_CLIP_CONFIG} but no weights "
-                f"({' or '.join(OPEN_CLIP_WEIGHTS[:3])}); copy the weights file into it (for an hf-hub "
-                "repository: `hf download REPO open_clip_model.safetensors`)")
-        name, pretrained, identity = f"local-dir:{path}", None, config.checkpoint
-        arch = f"the architecture in {path / OPEN_CLIP_CONFIG}"
-    else:
-        if path.suffix not in WEIGHT_SUFFIXES:
-            raise ValueError(f"clip.checkpoint {path} is neither a folder nor a weights file "
-                             f"({', '.join(WEIGHT_SUFFIXES)}); point it at one of them")
-        name, pretrained, identity = config.model, str(path), f"{config.model}:{config.checkpoint}"
-        arch = f"architecture {config.model} (clip.model)"
-    _warn_hub_parts(open_clip.get_model_config(name), path)
-    try:
-        # pretrained_text=False: never fetch a Hugging Face text tower's base weights; the checkpoint has them.
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, pretrained_image=False, pretrained_text=False,
-            weights_only=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise ValueError(f"clip.checkpoint {path} does not load into {arch}: the weights were made for another "
-                         "architecture. For a single file set clip.model to the one it was trained with (e.g. "
-                         "ViT-L-14-quickgelu for OpenAI's ViT-L/14, ViT-L-14 for LAION's); open_clip hub folders "
-                         f"carry their own. open_clip said: {detail}") from e
-    tokenizer = open_clip.get_tokenizer(name)
-    return model.eval(), preprocess, tokenizer, identity
-
-
-def _warn_hub_parts(model_cfg: dict | None, path: Path) -> None:
-    """open_clip builds some towers/tokenizers from Hugging Face or timm names (SigLIP, XLM-R text, ...),
-    fetched from the Hub by transformers/timm themselves unless the cache has them."""
-    text, vision = (model_cfg or {}).get("text_cfg", {}), (model_cfg or {}).get("vision_cfg", {})
-    names = [text.get("hf_model_name"), text.get("hf_tokenizer_name"), vision.get("timm_model_name")]
-    names = [n for n in names if n]
-    if names and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
-        log.warning("clip: the architecture of %s builds parts from %s through transformers/timm, which may "
-                    "download them; set HF_HUB_OFFLINE=1 so that a missing part fails instead", path,
-                    ", ".join(names))
-
-
 def _embed_dim(model, preprocess, device) -> int:
     dim = getattr(getattr(model, "visual", None), "output_dim", None)
     if isinstance(dim, int):
@@ -410,18 +358,3 @@ def _embed_dim(model, preprocess, device) -> int:
     with torch.inference_mode():
         probe = preprocess(Image.new("RGB", (64, 64)))[None].to(device)
         return int(model.encode_image(probe).shape[-1])
-
-
-def _open_clip_models() -> set[str] | None:
-    """open_clip's architecture names: its bundled configs, found without importing it (that pulls in
-    torchvision), plus any registered at run time (open_clip.add_model_config) when it is imported."""
-    import sys
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
-    names = {p.stem for p in folder.glob("*.json")}
-    if "open_clip" in sys.modules:
-        names |= set(sys.modules["open_clip"].list_models())
-    return names or None

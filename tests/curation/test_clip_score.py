@@ -273,7 +273,7 @@ def test_missing_checkpoints_raise_at_setup_naming_the_path(assets, tmp_path):
         ClipScore(ClipScoreConfig(checkpoint=str(no_weights), aesthetic_head=None)).ensure_setup()
     no_config = tmp_path / "weights_only"
     no_config.mkdir()
-    with pytest.raises(MissingCheckpoint, match=r"clip.checkpoint: .*weights_only lacks open_clip_config.json"):
+    with pytest.raises(MissingCheckpoint, match=r"clip.checkpoint: .*weights_only holds no open_clip weights"):
         ClipScore(ClipScoreConfig(checkpoint=str(no_config), aesthetic_head=None)).ensure_setup()
     head = tmp_path / "no_head.pth"
     with pytest.raises(MissingCheckpoint, match=r"clip.aesthetic_head: checkpoint .*no_head.pth not found"):
