@@ -46,6 +46,13 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split())
 
 
+def _quiet_transformers() -> None:
+    """No per-load "Loading weights" bars from every caption actor: the pipeline has its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _to_pil(frame: np.ndarray):
     from PIL import Image
 
@@ -225,6 +232,8 @@ class VlmCaptioner:
         ensure_torchvision_importable()
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        _quiet_transformers()
+
         self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                        local_files_only=True)
         tokenizer = getattr(self.processor, "tokenizer", None)
@@ -276,6 +285,8 @@ class LmCaptioner:
                  device: str = "cpu", dtype: str = "fp32", max_new_tokens: int = 60, min_new_tokens: int = 0,
                  num_beams: int = 1, repetition_penalty: float = 1.0, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet_transformers()
 
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                        local_files_only=True)
