@@ -128,6 +128,12 @@ class LoaderConfig(Config):
     read_json: bool = True
     """Read each sample's json into batch["meta"] (every ledger column; scores and captions come from the
     manifest either way)."""
+    read_embeddings: bool = False
+    """Read each sample's emb.safetensors (the curation ledger's per-clip embeddings, e.g. the clip stage's
+    clip_embedding: K key frames x D, L2-normalised) into batch["clip_embedding"] (float32 B x K x D) with
+    batch["clip_embedding_mask"] (bool B; zeros and false for a clip the stage did not score). Off: the member
+    is never read. Every embedded sample of the subset must have the same K x D (one CLIP model). output=raw
+    returns every member as bytes anyway."""
     verify_samples: bool = False
     """Check the crc32 of every member read against the manifest (catches flipped bytes that still decode,
     at the cost of one pass over the bytes read)."""

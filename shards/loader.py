@@ -13,6 +13,9 @@ A batch (output="tensors") is a dict:
     frames_BTCHW    uint8 RGB, video (T = the bucket's frame count) and image batches (T = 1)
     latents_BTCHW   float, latents batches (precomputed, as stored)
     text_BLD        float, when every sample of the batch has precomputed text embeddings
+    clip_embedding  float32 B x K x D, when read_embeddings: the curation ledger's per-clip CLIP embeddings
+                    (K key frames: first, middle, last), as stored in emb.safetensors; zeros where absent
+    clip_embedding_mask  bool B: which samples have one (when read_embeddings)
     caption         list of B strings (one caption drawn per sample by its weight; "" when none)
     fps_B           float: the rate frames were sampled at (0 for image batches)
     motion_bucket_B float: the manifest's motion_bucket (NaN where absent)
@@ -22,7 +25,7 @@ A batch (output="tensors") is a dict:
     epoch, batch_index, worker, num_corrupt, state   bookkeeping (state is what state_dict() returns after it)
 (output="raw": kind, key, files = per sample {extension: bytes-like}, num_bytes, and the bookkeeping.)
 
-Letters: B batch, T frames, C channels, H x W pixels, L text tokens, D text width.
+Letters: B batch, T frames, C channels, H x W pixels, L text tokens, D text (or embedding) width, K key frames.
 
 Only the members a batch needs are read (the manifest knows where each lies): a latents batch never reads
 the mp4, an image batch reads one jpg. Big tensors are written straight into the batch's memory (a reused
@@ -52,11 +55,12 @@ from shards.decode import decode_image, decode_window
 from shards.manifest import Manifest
 from shards.plan import IMAGE, LATENTS, VIDEO, Bucket, SubsetPlanner
 from shards.reader import SampleReader, coalesce
+from shards.source import EMBEDDING_COLUMNS, EMBEDDING_FILE, embedding_shape_column
 from shards.tario import SampleFormatError, crc32, parse_sample
 
 log = logging.getLogger("lvd.shards")
 STATE_FORMAT = 1
-MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "text.safetensors")
+MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "text.safetensors", EMBEDDING_FILE)
 
 
 def _corrupt_errors() -> tuple[type[BaseException], ...]:
@@ -120,6 +124,8 @@ class BatchMaker:
                               if "motion_bucket" in frame else np.full(len(frame), np.nan))
         self.scores = {c: frame[c].to_numpy(dtype=float, na_value=np.nan) for c in manifest.score_columns}
         self.captions = frame["captions"].to_numpy(dtype=object) if "captions" in frame else None
+        self.embedding_shapes = (embedding_shapes(frame, manifest.root)
+                                 if config.read_embeddings and config.output == "tensors" else {})
         self.reader = SampleReader(manifest.root)
 
     def make(self, epoch: int, j: int) -> dict[str, Any]:
@@ -194,6 +200,8 @@ class BatchMaker:
     def _decode(self, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows", row: int) -> dict[str, Any]:
         """Writes the sample's frames or latents (and text) into row `row` of `out`; returns its json."""
         optional = ("json", "text.safetensors") if self.config.read_json else ("text.safetensors",)
+        if self.embedding_shapes:
+            optional += (EMBEDDING_FILE,)
         which = self.config.image_frame  # image batches: which stored frame
         if which == "first_or_last":
             which = "first" if draw[1] < 0.5 else "last"
@@ -207,6 +215,7 @@ class BatchMaker:
         meta = json.loads(bytes(members["json"])) if "json" in members else {}
         text = members.get("text.safetensors")
         text_view = tensor_view(text, "text") if text is not None else None  # parsed first: a bad one is caught here
+        embeddings = self._embedding_views(members.get(EMBEDDING_FILE))  # (also parsed first)
         if bucket.kind == LATENTS:
             dtype, shape, data = tensor_view(members["latents.safetensors"], "latents")
             if tuple(shape) != bucket.shape:
@@ -229,7 +238,25 @@ class BatchMaker:
             shape = (frames.shape[0], 3, h, w)  # T x C x H x W
             out.put("frames", row, "U8", shape, frames.transpose(0, 3, 1, 2))
         out.put_optional("text", row, text_view)
+        for column, shape in self.embedding_shapes.items():
+            out.put_masked(column, row, "F32", shape, embeddings.get(column))
         return meta
+
+    def _embedding_views(self, data: memoryview | None) -> dict[str, memoryview]:
+        """{column: raw float32 bytes} of the embeddings in a sample's emb.safetensors, each checked against
+        the subset's K x D (a member that does not parse or does not match is a corrupt sample)."""
+        if data is None or not self.embedding_shapes:
+            return {}
+        views = tensor_views(data, EMBEDDING_FILE)
+        out = {}
+        for column, shape in self.embedding_shapes.items():
+            if column not in views:
+                continue
+            dtype, got, raw = views[column]
+            if dtype != "F32" or tuple(got) != shape:
+                raise ValueError(f"{EMBEDDING_FILE}: {column} of {dtype} {got}, the manifest says F32 {list(shape)}")
+            out[column] = raw
+        return out
 
     def _fill(self, good: list, size: int, plan, j: int, bucket_id: int, bucket: Bucket, draws: np.ndarray,
               out: "_BatchRows") -> list:
@@ -267,6 +294,9 @@ class BatchMaker:
             batch["frames_BTCHW"] = out.tensor("frames")
         if out.has("text"):
             batch["text_BLD"] = out.tensor("text")
+        for column in self.embedding_shapes:
+            batch[column] = out.tensor(column)
+            batch[f"{column}_mask"] = out.mask(column).copy()
         b = len(pos)
         batch["caption"] = [self._caption(p, draws[k % len(draws), 2]) for k, p in enumerate(pos)]
         # small per-sample values travel as numpy (pickled inline): a torch tensor from a worker would get a
@@ -295,24 +325,64 @@ _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "
            "BOOL": torch.bool}
 
 
-def tensor_view(data: memoryview, name: str) -> tuple[str, list[int], memoryview]:
-    """(dtype, shape, raw bytes) of the tensor `name` (or the only one) in a safetensors file, without a copy."""
+def _safetensors_header(data: memoryview, label: str) -> tuple[int, dict[str, Any]]:
     n = int.from_bytes(data[:8], "little")
     if not 0 < n < len(data):
-        raise ValueError(f"{name}.safetensors: bad header length {n}")
+        raise ValueError(f"{label}: bad header length {n}")
     header = json.loads(bytes(data[8 : 8 + n]))
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    entry = tensors.get(name) or (next(iter(tensors.values())) if len(tensors) == 1 else None)
-    if entry is None:
-        raise KeyError(f"{name}.safetensors holds {sorted(tensors)}, none named {name!r}")
+    if not isinstance(header, dict):
+        raise ValueError(f"{label}: the header is not a JSON object")
+    return n, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _entry_view(data: memoryview, n: int, entry: dict[str, Any], label: str) -> tuple[str, list[int], memoryview]:
     dtype, shape = entry["dtype"], [int(v) for v in entry["shape"]]
     begin, end = (8 + n + int(v) for v in entry["data_offsets"])
     if dtype not in _DTYPES or end > len(data):
-        raise ValueError(f"{name}.safetensors: dtype {dtype} or data range {begin}..{end} not readable")
+        raise ValueError(f"{label}: dtype {dtype} or data range {begin}..{end} not readable")
     nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
     if end - begin != nbytes:
-        raise ValueError(f"{name}.safetensors: {end - begin} data bytes for shape {shape} {dtype}")
+        raise ValueError(f"{label}: {end - begin} data bytes for shape {shape} {dtype}")
     return dtype, shape, data[begin:end]
+
+
+def tensor_view(data: memoryview, name: str) -> tuple[str, list[int], memoryview]:
+    """(dtype, shape, raw bytes) of the tensor `name` (or the only one) in a safetensors file, without a copy."""
+    label = f"{name}.safetensors"
+    n, tensors = _safetensors_header(data, label)
+    entry = tensors.get(name) or (next(iter(tensors.values())) if len(tensors) == 1 else None)
+    if entry is None:
+        raise KeyError(f"{label} holds {sorted(tensors)}, none named {name!r}")
+    return _entry_view(data, n, entry, label)
+
+
+def tensor_views(data: memoryview, label: str) -> dict[str, tuple[str, list[int], memoryview]]:
+    """{name: (dtype, shape, raw bytes)} of every tensor in a safetensors file, without a copy."""
+    n, tensors = _safetensors_header(data, label)
+    return {name: _entry_view(data, n, entry, label) for name, entry in tensors.items()}
+
+
+def embedding_shapes(frame, root: str) -> dict[str, tuple[int, ...]]:
+    """{embedding column: K x D} over the subset (the manifest's `<column>_shape`), for read_embeddings: one
+    shape per column, so that every batch has the same B x K x D; columns no sample has are left out."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for column in EMBEDDING_COLUMNS:
+        name = embedding_shape_column(column)
+        if name not in frame:
+            continue
+        found = {tuple(int(d) for d in s) for s in frame[name].to_numpy(dtype=object) if s is not None}
+        if len(found) > 1:
+            raise ValueError(f"read_embeddings: {column} has shapes {sorted(found)} across the subset of {root} "
+                             "(clips embedded by different CLIP models); narrow the query to one model, "
+                             "e.g. clip_model == '...', or re-run the clip stage with one model")
+        if found:
+            shapes[column] = found.pop()
+    if not shapes:
+        raise ValueError(f"read_embeddings is set but no sample of the subset of {root} has "
+                         f"{' or '.join(EMBEDDING_COLUMNS)} (no emb.safetensors member; shards written from a ledger "
+                         "without the clip stage, or by an older lvd); rewrite the shards with `lvd shards write` "
+                         "from a run with the clip stage enabled, or set read_embeddings=false")
+    return shapes
 
 
 class _SlotPool:
@@ -396,6 +466,7 @@ class _BatchRows:
         self.size, self.slots = size, slots
         self._arrays: dict[str, tuple[torch.Tensor, np.ndarray, str, tuple[int, ...]]] = {}
         self._missing: set[str] = set()
+        self._masks: dict[str, np.ndarray] = {}
         self._arena: memoryview | None = None
         self._arena_used = 0
 
@@ -445,11 +516,27 @@ class _BatchRows:
             return
         self.put(name, row, dtype, shape, np.frombuffer(data, np.uint8))
 
+    def put_masked(self, name: str, row: int, dtype: str, shape: tuple[int, ...], data: memoryview | None) -> None:
+        """A tensor of a fixed shape that some samples lack: zeros there, and mask(name) says which rows have it."""
+        mask = self._masks.setdefault(name, np.zeros(self.size, bool))
+        if data is None:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+            self.put(name, row, dtype, shape, np.zeros(nbytes, np.uint8))
+        else:
+            self.put(name, row, dtype, shape, np.frombuffer(data, np.uint8))
+        mask[row] = data is not None
+
+    def mask(self, name: str) -> np.ndarray:
+        return self._masks[name]
+
     def repeat(self, good: int) -> None:
         """Rows good.. repeat rows 0..good-1 (the batch's bad samples replaced by its good ones)."""
         for _, rows, _, _ in self._arrays.values():
             for k in range(good, self.size):
                 rows[k] = rows[k % good]
+        for mask in self._masks.values():
+            for k in range(good, self.size):
+                mask[k] = mask[k % good]
 
     def has(self, name: str) -> bool:
         return name in self._arrays and name not in self._missing
@@ -484,7 +571,8 @@ def _copy_out_of_slots(batch: dict[str, Any], keep_mapped: deque) -> None:
     numpy-allocated memory). Holding on to the slot storages keeps torch's mapping of them cached, so the
     next batch in the same slot is not mapped (and page-faulted) again."""
     names = batch.pop("_in_slot", ())
-    by_name = {"frames": "frames_BTCHW", "latents": "latents_BTCHW", "text": "text_BLD"}
+    by_name = {"frames": "frames_BTCHW", "latents": "latents_BTCHW", "text": "text_BLD",
+               **{column: column for column in EMBEDDING_COLUMNS}}
     for name in names:
         key = by_name[name]
         if key not in batch:
@@ -497,7 +585,7 @@ def _copy_out_of_slots(batch: dict[str, Any], keep_mapped: deque) -> None:
 
 
 def _small_to_torch(batch: dict[str, Any]) -> None:
-    for key in ("fps_B", "motion_bucket_B", "is_image_B"):
+    for key in ("fps_B", "motion_bucket_B", "is_image_B", *(f"{c}_mask" for c in EMBEDDING_COLUMNS)):
         if key in batch:
             batch[key] = torch.from_numpy(batch[key])
     if "scores" in batch:

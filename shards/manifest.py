@@ -3,7 +3,8 @@ stats and the loader's plan need no tar reads.
 
 A shard folder (local, or any fsspec URL for reading):
 
-    shard-000000.tar ...        WebDataset tars: per sample <key>.mp4, .json, .first.jpg, .last.jpg
+    shard-000000.tar ...        WebDataset tars: per sample <key>.mp4, .json, .first.jpg, .last.jpg,
+                                .emb.safetensors (the ledger's embedding columns, when the clip has any)
                                 (and .latents.safetensors / .text.safetensors once precomputed)
     manifest.parquet            one row per sample (schema below)
     shards.parquet              one row per shard: shard, num_samples, size_bytes, sha256
@@ -13,7 +14,9 @@ A shard folder (local, or any fsspec URL for reading):
 manifest.parquet columns: key (= clip_id), shard (file name), offset and size_bytes (the sample's byte range
 in its shard: tar headers and data of all its members), crc32 (of that range), files (member extensions),
 members (per member: ext, offset of its data from the sample's offset, size, crc32; a reader fetches only
-the members it needs, e.g. the latents and not the mp4), latents_shape / text_shape (of the precomputed tensors, null when absent), then the ledger's columns as
+the members it needs, e.g. the latents and not the mp4), latents_shape / text_shape (of the precomputed tensors,
+null when absent), clip_embedding_shape (K x D of each embedding column's tensor in emb.safetensors, null when
+absent; `clip_embedding_shape is not null` selects the clips that have one), then the ledger's columns as
 they were: ids, time range (start_s, end_s, duration_s), fps, width, height, every score, keep and the
 pass_* flags, captions.
 """
@@ -30,15 +33,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shards.source import EMBEDDING_COLUMNS, embedding_shape_column
+
 FORMAT = "lvd-shards/1"
 SHARD_PATTERN = "shard-{:06d}.tar"
 
-RESERVED = ("key", "shard", "offset", "size_bytes", "crc32", "files", "members", "latents_shape", "text_shape")
+EMBEDDING_SHAPES = tuple(embedding_shape_column(c) for c in EMBEDDING_COLUMNS)
+RESERVED = ("key", "shard", "offset", "size_bytes", "crc32", "files", "members", "latents_shape", "text_shape",
+            *EMBEDDING_SHAPES)
 MEMBER = pa.struct([("ext", pa.string()), ("offset", pa.int64()), ("size", pa.int64()), ("crc32", pa.int64())])
 RESERVED_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()), ("size_bytes", pa.int64()),
     ("crc32", pa.int64()), ("files", pa.list_(pa.string())), ("members", pa.list_(MEMBER)),
     ("latents_shape", pa.list_(pa.int64())), ("text_shape", pa.list_(pa.int64())),
+    *((name, pa.list_(pa.int64())) for name in EMBEDDING_SHAPES),
 ])
 SHARDS_SCHEMA = pa.schema([
     ("shard", pa.string()), ("num_samples", pa.int64()), ("size_bytes", pa.int64()), ("sha256", pa.string()),

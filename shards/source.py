@@ -3,6 +3,12 @@
 Shards do not know what a score means. Every column of the ledger is carried into the sample json (and every
 scalar one, plus captions, into the manifest) as it is, so a score added by a later curation stage (aesthetic,
 clip similarity, ...) reaches the training query without a change here.
+
+The exception are array columns (EMBEDDING_COLUMNS, e.g. the clip stage's K x D `clip_embedding`): as JSON text
+they would be the largest part of a sample (~49 KB per clip at D=768, against 9 KB as float32) and every
+json read would parse them, so they go into one binary member per sample, `emb.safetensors` (one float32
+tensor per column the clip has, named like the column), and the manifest records each one's shape
+(`<column>_shape`, null where the clip has none).
 """
 
 from __future__ import annotations
@@ -21,6 +27,14 @@ import pandas as pd
 # Not copied into the json or the manifest: a path that is only valid on the writing machine.
 LOCAL_ONLY_COLUMNS = ("clip_path",)
 CAPTIONS = "captions"
+# Ledger columns holding a K x D float array per clip (None where the stage did not score the clip): written as
+# tensors of the member EMBEDDING_FILE, not into the json or the manifest (which gets `<column>_shape`).
+EMBEDDING_COLUMNS = ("clip_embedding",)
+EMBEDDING_FILE = "emb.safetensors"
+
+
+def embedding_shape_column(column: str) -> str:
+    return f"{column}_shape"
 
 
 class CurationRun:
@@ -66,7 +80,7 @@ def manifest_columns(clips: pd.DataFrame) -> list[str]:
     captions list; other list columns (per-frame values) stay in the sample json only."""
     out = []
     for name in clips.columns:
-        if name in LOCAL_ONLY_COLUMNS:
+        if name in LOCAL_ONLY_COLUMNS or name in EMBEDDING_COLUMNS:
             continue
         if name == CAPTIONS:
             out.append(name)
@@ -102,6 +116,46 @@ def jsonable(value: Any) -> Any:
 
 
 def sample_json(row: dict[str, Any]) -> bytes:
-    """Everything the ledger knows about the clip, minus the writer's local path."""
-    doc = {k: jsonable(v) for k, v in row.items() if k not in LOCAL_ONLY_COLUMNS}
+    """Everything the ledger knows about the clip, minus the writer's local path and the embeddings (which go
+    into the binary member, see `embedding_file`)."""
+    doc = {k: jsonable(v) for k, v in row.items() if k not in LOCAL_ONLY_COLUMNS and k not in EMBEDDING_COLUMNS}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def embedding_array(value: Any, column: str) -> np.ndarray | None:
+    """A ledger cell of an embedding column -> a contiguous K x D float32 array; None for a clip without one
+    (null, NaN, or an empty list). Raises ValueError for anything that is not K x D numbers."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.dtype == object):
+            # parquet gives an object array of per-frame float32 arrays; stack keeps the values exactly
+            frames = [np.asarray(v, dtype=np.float32) for v in value]
+            if not frames:
+                return None
+            array = np.stack(frames)
+        else:
+            array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{column} is not a K x D array of floats ({e}); the clip stage writes one list of D "
+                         "floats per key frame") from None
+    if array.size == 0:
+        return None
+    if array.ndim != 2:
+        raise ValueError(f"{column} has shape {list(array.shape)}, not K x D (one list of D floats per key frame); "
+                         "re-run the stage that wrote it")
+    return np.ascontiguousarray(array)
+
+
+def embedding_file(row: dict[str, Any]) -> bytes | None:
+    """The sample's EMBEDDING_FILE: a safetensors file with one float32 K x D tensor per embedding column the
+    clip has (named like the column); None when it has none. Deterministic bytes, so a resumed write packs
+    byte-identical shards."""
+    from safetensors.numpy import save
+
+    tensors = {}
+    for column in EMBEDDING_COLUMNS:
+        array = embedding_array(row.get(column), column)
+        if array is not None:
+            tensors[column] = array
+    return save(tensors) if tensors else None

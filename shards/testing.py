@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curation.synthetic import write_video
 
@@ -32,10 +34,15 @@ def clip_frames(c: int, num_frames: int, h: int, w: int):
 
 def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps: float = 8.0,
              sizes: list[tuple[int, int]] | None = None, seed: int = 0, captions: bool = False,
-             dropped_every: int = 4, failed: int = 1, clip_bytes: bytes | None = None) -> pd.DataFrame:
+             dropped_every: int = 4, failed: int = 1, clip_bytes: bytes | None = None,
+             embedding_dim: int | None = None, unembedded_every: int = 4) -> pd.DataFrame:
     """Writes `num_clips` usable clips (every `dropped_every`-th with keep=False) and `failed` failed ones.
     `sizes` ((h, w) per clip, cycled) gives aspect ratios to bucket. `clip_bytes`, when given, is written as
-    every clip's file instead of a synthetic video (the benchmark's large clips)."""
+    every clip's file instead of a synthetic video (the benchmark's large clips).
+    `embedding_dim`: also a `clip_embedding` column as the clip stage writes it (list<list<float32>>, 3 key
+    frames x embedding_dim, unit rows, seeded per clip so the other columns stay those of a run without it);
+    None for the failed clips and for every `unembedded_every`-th usable one (index 1, 1 + n, ...), as for
+    clips the stage did not score."""
     run_dir = Path(run_dir)
     rng = np.random.default_rng(seed)
     sizes = sizes or [(48, 80)]
@@ -66,10 +73,21 @@ def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps:
         }
         if captions:
             row["captions"] = [{"text": f"clip {c} caption a", "weight": 3.0}, {"text": f"clip {c} caption b", "weight": 1.0}]
+        if embedding_dim is not None:
+            row["clip_embedding"] = None
+            if ok and not (unembedded_every and c % unembedded_every == 1):
+                emb = np.random.default_rng([seed, c, 0xE3B]).standard_normal((3, embedding_dim)).astype(np.float32)
+                emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+                row["clip_embedding"] = emb.tolist()
         rows.append(row)
     clips = pd.DataFrame(rows)
     (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
-    clips.to_parquet(run_dir / "ledger" / "clips.parquet", index=False)
+    table = pa.Table.from_pandas(clips, preserve_index=False)
+    if embedding_dim is not None:  # the ledger's type (the lists above are float32 values held as Python floats)
+        i = table.schema.get_field_index("clip_embedding")
+        table = table.set_column(i, "clip_embedding",
+                                 table.column(i).cast(pa.list_(pa.list_(pa.float32()))))
+    pq.write_table(table, run_dir / "ledger" / "clips.parquet")
     pd.DataFrame({"video_id": sorted(set(clips["video_id"])), "status": "ok"}).to_parquet(
         run_dir / "ledger" / "videos.parquet", index=False)
     return clips

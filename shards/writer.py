@@ -31,7 +31,8 @@ from shards.config import ShardWriteConfig
 from shards.decode import DecodeError, encode_jpg, first_last_frames
 from shards.manifest import (FORMAT, RESERVED, SHARD_PATTERN, SHARDS_SCHEMA, Manifest, manifest_schema,
                              part_table, read_part)
-from shards.source import CAPTIONS, CurationRun, manifest_columns, sample_json
+from shards.source import (CAPTIONS, EMBEDDING_COLUMNS, EMBEDDING_FILE, CurationRun, embedding_file,
+                           embedding_shape_column, manifest_columns, sample_json)
 from shards.tario import END_OF_ARCHIVE, crc32, sample_layout
 
 log = logging.getLogger("lvd.shards")
@@ -73,7 +74,8 @@ class WriteSummary:
 
 
 class ClipSampleMaker:
-    """A ledger row -> the sample's files: the clip's mp4, its json, its first and last frames as jpg.
+    """A ledger row -> the sample's files: the clip's mp4, its json, its first and last frames as jpg, and its
+    embeddings (emb.safetensors) when the ledger has them for the clip.
     Picklable (no state but settings) so that a process pool can prepare samples."""
 
     def __init__(self, run: CurationRun, columns: list[str], jpeg_quality: int, frame_max_side: int | None) -> None:
@@ -91,8 +93,14 @@ class ClipSampleMaker:
             first, last = first_last_frames(mp4, self.frame_max_side)
         except DecodeError as e:
             return Skipped(key, f"decode_error: {e}")
+        try:
+            emb = embedding_file(row)
+        except ValueError as e:
+            return Skipped(key, f"embedding: {e}")
         files = {"mp4": mp4, "json": sample_json(row), "first.jpg": encode_jpg(first, self.jpeg_quality),
                  "last.jpg": encode_jpg(last, self.jpeg_quality)}
+        if emb is not None:
+            files[EMBEDDING_FILE] = emb
         return PreparedSample(key, files, {c: row.get(c) for c in self.columns})
 
 
@@ -133,6 +141,10 @@ class ShardWriter:
         for name, column in TENSOR_FILES.items():
             if name in sample.files:
                 row[column] = tensor_shape(sample.files[name])
+        if EMBEDDING_FILE in sample.files:  # from the member itself, so a copied sample keeps its shapes
+            shapes = tensor_shapes(sample.files[EMBEDDING_FILE])
+            for column in EMBEDDING_COLUMNS:
+                row[embedding_shape_column(column)] = shapes.get(column)
         self._rows.append(row)
         self.num_written += 1
 
@@ -212,7 +224,8 @@ def consolidate(out_dir: Path, info: dict[str, Any]) -> Manifest:
         table, meta = read_part(p)
         tables.append(table)
         shard_rows.append(meta)
-    samples = pa.concat_tables(tables) if tables else None
+    # promote: parts written before a reserved column was added (a resumed folder) get nulls for it
+    samples = pa.concat_tables(tables, promote_options="default") if tables else None
     shards = pa.Table.from_pylist(shard_rows, schema=SHARDS_SCHEMA)
     if samples is None:
         raise ValueError(f"no samples were written to {out_dir}; {info.get('num_skipped', 0)} were skipped "
@@ -241,6 +254,9 @@ def write_shards(run_dir: str | Path, out_dir: str | Path, config: ShardWriteCon
     # the ledger's columns are part of the settings: parts with other columns would not make one manifest
     writer_doc = {"format": FORMAT, "source_run": str(run.run_dir.resolve()), "selection": config.selection,
                   "ledger_columns": columns, **config.model_dump(exclude={"workers"})}
+    embedded = [c for c in EMBEDDING_COLUMNS if c in chosen.columns]
+    if embedded:  # (only when present: folders written before embeddings existed still resume)
+        writer_doc["embedding_columns"] = embedded
     resume = prepare_out_dir(out_dir, writer_doc)
     stale = resume.done_keys - set(chosen["clip_id"])
     if stale:
@@ -313,16 +329,21 @@ def rewrite_shards(source: Manifest, rows: Iterable[int] | None, out_dir: str | 
                         int(manifest.info["size_bytes"]), skipped)
 
 
+def tensor_shapes(safetensors_bytes: bytes) -> dict[str, list[int]]:
+    """{tensor name: shape} of a safetensors file, read from its JSON header alone."""
+    n = int.from_bytes(safetensors_bytes[:8], "little")
+    header = json.loads(bytes(safetensors_bytes[8 : 8 + n]))
+    return {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
+
+
 def tensor_shape(safetensors_bytes: bytes) -> list[int] | None:
     """Shape of the tensor in a safetensors file (the one named like the file, or the only one),
     read from its JSON header alone."""
-    n = int.from_bytes(safetensors_bytes[:8], "little")
-    header = json.loads(bytes(safetensors_bytes[8 : 8 + n]))
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    tensors = tensor_shapes(safetensors_bytes)
     for name in ("latents", "text", "embedding"):
         if name in tensors:
-            return list(tensors[name]["shape"])
-    return list(next(iter(tensors.values()))["shape"]) if len(tensors) == 1 else None
+            return tensors[name]
+    return next(iter(tensors.values())) if len(tensors) == 1 else None
 
 
 def _map(fn: Callable, items: list, workers: int) -> Iterator:
