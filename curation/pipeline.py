@@ -158,7 +158,7 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar of ours, counted in videos, is what people read
         ctx.verbose_stats_logs = False
-        _check_gpus(config, ray.cluster_resources().get("GPU", 0.0))
+        _check_gpus(config, ray.cluster_resources().get("GPU", 0.0), autoscaling_possible=not started)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         stage_cpus = sum(getattr(config, section).num_actors * getattr(config, section).num_cpus
                          for _, section in STAGES if getattr(config, section).enabled)
@@ -185,16 +185,21 @@ def _run_ray(config: CurationConfig, todo: list[InputVideo], ledger: Ledger, add
             ray.shutdown()
 
 
-def _check_gpus(config: CurationConfig, cluster_gpus: float) -> None:
-    """A stage asking for GPUs the cluster does not have would wait forever for its actors: refuse early."""
+def _check_gpus(config: CurationConfig, cluster_gpus: float, autoscaling_possible: bool) -> None:
+    """A stage asking for GPUs the cluster does not have would wait forever for its actors: the embedded Ray
+    refuses early; on a cluster (which may autoscale GPU nodes in) it is a warning."""
     for _, section in STAGES:
         stage_cfg = getattr(config, section)
-        if not stage_cfg.enabled or stage_cfg.num_gpus <= 0:
+        if not stage_cfg.enabled or stage_cfg.num_gpus <= cluster_gpus:
             continue
-        if stage_cfg.num_gpus > cluster_gpus:
-            raise ValueError(f"{section}.num_gpus is {stage_cfg.num_gpus:g} but the Ray cluster has {cluster_gpus:g} "
-                             f"GPUs, so its actors could never start; set {section}.num_gpus: 0 to run it on CPUs "
-                             "(slow for real models) or run on a cluster with GPUs (--address)")
+        problem = (f"{section}.num_gpus is {stage_cfg.num_gpus:g} but the Ray cluster has {cluster_gpus:g} GPUs, so "
+                   "its actors cannot start")
+        if autoscaling_possible:
+            print(f"warning: {problem} until GPU nodes join (an autoscaling cluster adds them on demand)",
+                  file=sys.stderr)
+            continue
+        raise ValueError(f"{problem}; set {section}.num_gpus: 0 to run it on CPUs (slow for real models) or run "
+                         "on a cluster with GPUs (--address)")
 
 
 def _collect(ds, ledger: Ledger, num_videos: int, progress: bool) -> None:
