@@ -12,7 +12,9 @@ EPILOG = """examples:
   lvd curate recipes/curation/default.yaml --set output=runs/cur1 --rethreshold --set thresholds.motion_score.min=0.01
   lvd curate recipes/curation/default.yaml --address ray://head:10001 --set inputs=[s3://bucket/raw/]
 
-Re-running the same command resumes: videos already in the ledger are skipped."""
+Re-running the same command resumes: videos already in the ledger are skipped. Model weights come from
+local paths or the Hugging Face cache and are checked before anything is decoded (`lvd models RECIPE`
+lists them); `lvd report OUTPUT` turns the finished run into an HTML page."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
