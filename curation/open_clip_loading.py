@@ -87,6 +87,20 @@ def load_open_clip(path: Path, model: str, role: str, source: str, model_role: s
     return OpenClip(net.eval(), preprocess, open_clip.get_tokenizer(name), model_cfg, identity)
 
 
+def save_open_clip_folder(model: Any, model_cfg: dict, preprocess_cfg: dict, folder: Path) -> Path:
+    """Writes `model` in open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors), the
+    layout `load_open_clip` reads as a folder and hf-hub repositories hold."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+              str(folder / OPEN_CLIP_WEIGHTS[0]))
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                                      indent=2) + "\n")
+    return folder
+
+
 def _weights_file(path: Path, role: str) -> Path:
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:

@@ -17,7 +17,6 @@ captions mean nothing. Weights are drawn from `seed`; the same seed writes the s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +89,11 @@ def write_tiny_coca(folder: str | Path, seed: int = 0) -> Path:
     from common.torch_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    import safetensors.torch
     from open_clip.coca_model import CoCa
-    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from curation.open_clip_loading import save_open_clip_folder
+
     # coca_ViT-L-14's shape at width 8: CoCa needs text width == decoder width == embed_dim.
     model_cfg = {
         "embed_dim": 8,
@@ -111,11 +109,9 @@ def write_tiny_coca(folder: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = CoCa(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
     _randomize(model, seed)
-    safetensors.torch.save_file(model.state_dict(), folder / HF_SAFE_WEIGHTS_NAME)
     preprocess_cfg = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
                       "interpolation": "bicubic", "resize_mode": "shortest"}
-    (folder / HF_CONFIG_NAME).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
-                                                    indent=2))
+    folder = save_open_clip_folder(model, model_cfg, preprocess_cfg, Path(folder))
     mark_random(folder, "tiny CoCa (open_clip)")
     return folder
 

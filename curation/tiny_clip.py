@@ -32,28 +32,20 @@ TINY_MODEL_CFG = {
 # open_clip's OpenAI preprocessing (what the LAION ViT-L/14 hub configs carry too)
 TINY_PREPROCESS_CFG = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
                        "interpolation": "bicubic", "resize_mode": "shortest"}
-CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
-CLIP_CONFIG_NAME = "open_clip_config.json"
 
 
 def write_tiny_open_clip(folder: str | Path, seed: int = 0) -> Path:
     """Writes a tiny random open_clip CLIP into `folder` (open_clip's hub layout) and returns the folder."""
-    from safetensors.torch import save_file
-
     from common.torch_compat import ensure_torchvision_importable
+    from curation.open_clip_loading import save_open_clip_folder
 
     ensure_torchvision_importable()
     import open_clip
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = open_clip.CLIP(**json.loads(json.dumps(TINY_MODEL_CFG)))
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / CLIP_WEIGHTS_NAME))
-    (folder / CLIP_CONFIG_NAME).write_text(json.dumps(
-        {"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG}, indent=2) + "\n")
+    folder = save_open_clip_folder(model, TINY_MODEL_CFG, TINY_PREPROCESS_CFG, Path(folder))
     mark_random(folder, "tiny open_clip CLIP (clip.checkpoint)")
     return folder
 
