@@ -66,6 +66,23 @@ class ClipFilesConfig(Config):
     preset: str = "veryfast"
 
 
+class LedgerConfig(Config):
+    """How the run folder's datasets are partitioned (see curation/ledger.py)."""
+
+    num_buckets: int = 8
+    """Hash buckets of the video id (hive partitions `bucket=NNN`); fixed by a run's first invocation."""
+    videos_per_file: int = 1024
+    """Videos one writer task commits at most (one file pair per bucket it holds): ~16k clips per file at
+    16 clips per video. Small runs commit in smaller batches so progress moves."""
+
+    @pydantic.field_validator("num_buckets", "videos_per_file")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"ledger sizes must be at least 1, got {v}; use e.g. 8 buckets, 1024 videos per file")
+        return v
+
+
 class RayConfig(Config):
     num_cpus: int | None = None  # for the embedded local Ray; None = all cores
 
@@ -73,7 +90,7 @@ class RayConfig(Config):
 class CurationConfig(Config):
     inputs: list[str] = []
     output: str = "runs/curation"
-    extensions: list[str] = VIDEO_EXTENSIONS  # in folders, other files are listed in the ledger as skipped
+    extensions: list[str] = VIDEO_EXTENSIONS  # in folders, other files are counted as ignored, not listed
     decode: DecodeConfig = DecodeConfig()
     cuts: CutsConfig = CutsConfig()
     motion: MotionConfig = MotionConfig()
@@ -86,6 +103,7 @@ class CurationConfig(Config):
     # score column -> rule; applied in this order, which is also the funnel's order
     thresholds: dict[str, Threshold] = {}
     dedup: DedupConfig = DedupConfig()  # after the thresholds, among the clips they keep
+    ledger: LedgerConfig = LedgerConfig()
     ray: RayConfig = RayConfig()
 
     def clip_frames_per_clip(self) -> int:

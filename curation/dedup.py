@@ -121,6 +121,17 @@ def apply_dedup(clips: pd.DataFrame, config: DedupConfig) -> tuple[pd.DataFrame,
         funnel.append(FunnelStep("dedup near", int(keep.sum())))
     out["keep"] = keep
     out["decision"] = decision
+    if "reason_code" in out.columns or config.exact or config.near:
+        code = out["reason_code"].to_numpy(dtype=object).copy() if "reason_code" in out.columns \
+            else np.full(len(out), None, dtype=object)
+        detail = out["reason_detail"].to_numpy(dtype=object).copy() if "reason_detail" in out.columns \
+            else np.full(len(out), None, dtype=object)
+        for kind in ("exact", "near"):
+            hit = np.array([isinstance(d, str) and d.startswith(f"{DUPLICATE_PREFIX}{kind} ") for d in decision], bool)
+            code[hit] = f"duplicate_{kind}"
+            detail[hit] = decision[hit]
+        out["reason_code"] = code
+        out["reason_detail"] = detail
     out["dup_of"] = pd.Series(dup_of, index=out.index, dtype=object)
     out["dup_similarity"] = pd.Series(dup_sim, index=out.index, dtype=float)
     return out, funnel
@@ -148,7 +159,7 @@ def _survivor_rank(clips: pd.DataFrame, keep: np.ndarray, rule: str) -> np.ndarr
     if len(set(kept_ids)) != len(kept_ids):
         dupes = sorted(pd.Series(kept_ids).loc[lambda s: s.duplicated()].unique())[:5]
         raise ValueError(f"clip_id is not unique among kept clips (e.g. {dupes}); dedup needs one row per "
-                         "clip: consolidate the ledger parts (Ledger.read_parts) before deduplicating")
+                         "clip: pass each clip once")
     if rule == "first":
         score = np.zeros(len(clips))
     else:

@@ -1,7 +1,14 @@
-"""Turning what the user gave (files, folders, globs, list files, fsspec URLs) into the video list.
+"""Turning what the user gave (files, folders, globs, list files, fsspec URLs) into the input dataset.
 
-Every name the user gave ends up in the ledger: a video to process, or a row saying why not
-(a folder's non-video files, a path that does not exist).
+Listing runs in Ray tasks, never serially on the driver: each task takes a few work items (a name the
+user gave, a folder, a list file, a glob, a URL prefix), writes the videos it found as one parquet part of
+`RUN/inputs/`, and hands back the folders and list entries it did not get to, which become new tasks. A
+task walks at most `MAX_DIRS_PER_TASK` folders, so a tree of millions of files fans out over the cluster.
+
+What counts as an input video: every file named directly (whatever its extension: wrong extensions are
+common) or listed in a list file, and every file with a video extension inside a folder, glob or URL
+prefix. Other files in a folder (licences, READMEs) are not videos: they are counted, not listed. Whether a
+named file exists is checked by the decode actor, which writes the reason into the ledger.
 """
 
 from __future__ import annotations
@@ -9,22 +16,22 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
-from dataclasses import dataclass
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 VIDEO_EXTENSIONS = [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"]
 GLOB_CHARS = set("*?[")
 LIST_SUFFIXES = (".txt", ".lst", ".list")
+MAX_DIRS_PER_TASK = 256   # folders one listing task walks before it hands the rest back
+MAX_LIST_DEPTH = 4        # list files naming list files
 
-
-@dataclass(frozen=True)
-class InputVideo:
-    source: str                     # absolute local path or URL
-    skip_reason: str | None = None  # set when the input is listed but not processed
-
-    @property
-    def video_id(self) -> str:
-        return video_id(self.source)
+INPUT_SCHEMA = pa.schema([("video_id", pa.string()), ("source", pa.string()), ("source_raw", pa.binary()),
+                          ("bucket", pa.int32()), ("skip_reason", pa.string())])
 
 
 def video_id(source: str) -> str:
@@ -35,57 +42,99 @@ def is_url(name: str) -> bool:
     return "://" in name and not name.startswith("file://")
 
 
-def discover(inputs: list[str], extensions: list[str]) -> list[InputVideo]:
-    """Expands inputs in order, without duplicates. A list file is `@path` or a path ending in .txt/.lst/.list."""
-    found: dict[str, InputVideo] = {}
-    for name in inputs:
-        for item in _expand(name, extensions, depth=0):
-            found.setdefault(item.source, item)
-    return list(found.values())
+@dataclass(frozen=True)
+class Item:
+    """One unit of listing work: a name as the user gave it, or a folder / list file found on the way."""
+
+    kind: str           # "name" | "dir" | "list"
+    path: str
+    depth: int = 0      # list-file nesting
+    base: str = ""      # for names read from a list file: that file's folder
 
 
-def _expand(name: str, extensions: list[str], depth: int) -> list[InputVideo]:
-    name = name.strip()
+@dataclass
+class Expansion:
+    sources: list[tuple[str, str | None]] = field(default_factory=list)  # (source, skip_reason)
+    pending: list[Item] = field(default_factory=list)
+    num_ignored: int = 0  # non-video files inside folders, globs and prefixes
+
+
+def expand(items: list[Item], extensions: list[str]) -> Expansion:
+    """Expands work items up to MAX_DIRS_PER_TASK folders; what is left over comes back as `pending`."""
+    out = Expansion()
+    budget = [MAX_DIRS_PER_TASK]
+    queue = deque(items)
+    while queue:
+        item = queue.popleft()
+        if item.kind == "dir":
+            if budget[0] <= 0:
+                out.pending.append(item)
+                continue
+            budget[0] -= 1
+            _list_dir(item.path, extensions, out, queue)
+        elif item.kind == "list":
+            _read_list(item, out, queue)
+        else:
+            _expand_name(item, extensions, out, queue)
+    return out
+
+
+def _expand_name(item: Item, extensions: list[str], out: Expansion, queue: deque[Item]) -> None:
+    name = item.path.strip()
     if name.startswith("file://"):
         name = name[len("file://"):]
+    if item.base and not (is_url(name) or os.path.isabs(name) or name.startswith(("@", "~"))):
+        # relative entries are relative to the list file, like paths in a playlist
+        name = f"{item.base}/{name}"
     if name.startswith("@") or (name.lower().endswith(LIST_SUFFIXES) and not GLOB_CHARS & set(name)):
-        return _read_list(name.removeprefix("@"), extensions, depth)
-    if is_url(name):
-        return _expand_url(name, extensions)
-    if GLOB_CHARS & set(name):
+        queue.append(Item("list", name.removeprefix("@"), item.depth))
+    elif is_url(name):
+        _expand_url(name, extensions, out)
+    elif GLOB_CHARS & set(name):
         matches = sorted(glob.glob(os.path.expanduser(name), recursive=True))
         if not matches:
-            return [InputVideo(name, skip_reason="not_found: the pattern matched no file")]
-        return [v for m in matches for v in _expand_local(Path(m), extensions, explicit=False)]
-    return _expand_local(Path(os.path.expanduser(name)), extensions, explicit=True)
+            out.sources.append((name, "not_found: the pattern matched no file"))
+        for m in matches:
+            if os.path.isdir(m):
+                queue.append(Item("dir", str(Path(m).absolute())))
+            elif Path(m).suffix.lower() in extensions:
+                out.sources.append((str(Path(m).absolute()), None))
+            else:
+                out.num_ignored += 1
+    else:
+        path = Path(os.path.expanduser(name))
+        if path.is_dir():
+            queue.append(Item("dir", str(path.absolute())))
+        else:  # a file named directly is always tried; the decode actor says if it is missing
+            out.sources.append((str(path.absolute()), None))
 
 
-def _expand_local(path: Path, extensions: list[str], explicit: bool) -> list[InputVideo]:
-    source = str(path.absolute())
-    if path.is_dir():
-        out = []
-        for root, dirs, files in os.walk(path, followlinks=False):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for f in sorted(files):
-                if not f.startswith("."):
-                    out.append(_classify(Path(root) / f, extensions))
-        return out
-    if not path.exists() and not path.is_symlink():
-        return [InputVideo(source, skip_reason="not_found: no such file or folder")]
-    # A file named explicitly is always tried, whatever its extension: wrong extensions are common.
-    return [InputVideo(source)] if explicit else [_classify(path, extensions)]
+def _list_dir(path: str, extensions: list[str], out: Expansion, queue: deque[Item]) -> None:
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as e:
+        out.sources.append((path, f"list_error: {e.strerror or e}"))
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            queue.append(Item("dir", entry.path))
+        elif os.path.splitext(entry.name)[1].lower() in extensions:
+            out.sources.append((entry.path, None))
+        else:
+            out.num_ignored += 1
 
 
-def _classify(path: Path, extensions: list[str]) -> InputVideo:
-    if path.suffix.lower() in extensions:
-        return InputVideo(str(path.absolute()))
-    return InputVideo(str(path.absolute()), skip_reason=f"not_a_video_extension: {path.suffix or '(none)'} "
-                      "(add it to the recipe's extensions list, or name the file directly, to process it)")
-
-
-def _read_list(path: str, extensions: list[str], depth: int) -> list[InputVideo]:
-    if depth > 4:
-        return [InputVideo(path, skip_reason="list_error: list files nest deeper than 4 levels")]
+def _read_list(item: Item, out: Expansion, queue: deque[Item]) -> None:
+    path = item.path
+    if item.depth >= MAX_LIST_DEPTH:
+        out.sources.append((path, f"list_error: list files nest deeper than {MAX_LIST_DEPTH} levels"))
+        return
     try:
         if is_url(path):
             import fsspec
@@ -95,21 +144,16 @@ def _read_list(path: str, extensions: list[str], depth: int) -> list[InputVideo]
         else:
             lines = Path(os.path.expanduser(path)).read_text().splitlines()
     except OSError as e:
-        return [InputVideo(path, skip_reason=f"list_error: {e.strerror or e}")]
+        out.sources.append((path, f"list_error: {e.strerror or e}"))
+        return
     base = path.rsplit("/", 1)[0] if "/" in path else "."
-    out = []
     for line in lines:
         line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        # relative entries are relative to the list file, like paths in a playlist
-        if not (is_url(line) or os.path.isabs(line) or line.startswith(("@", "~"))):
-            line = f"{base}/{line}"
-        out.extend(_expand(line, extensions, depth + 1))
-    return out
+        if line and not line.startswith("#"):
+            queue.append(Item("name", line, item.depth + 1, base))
 
 
-def _expand_url(url: str, extensions: list[str]) -> list[InputVideo]:
+def _expand_url(url: str, extensions: list[str], out: Expansion) -> None:
     import fsspec
 
     try:
@@ -119,17 +163,65 @@ def _expand_url(url: str, extensions: list[str]) -> list[InputVideo]:
         elif fs.isdir(paths[0]):
             names = sorted(fs.find(paths[0]))
         elif fs.exists(paths[0]):
-            return [InputVideo(url)]
+            out.sources.append((url, None))
+            return
         else:
-            return [InputVideo(url, skip_reason="not_found: no such object")]
+            out.sources.append((url, "not_found: no such object"))
+            return
     except Exception as e:  # noqa: BLE001 - any backend error becomes a reason for this input
-        return [InputVideo(url, skip_reason=f"list_error: {type(e).__name__}: {e}")]
+        out.sources.append((url, f"list_error: {type(e).__name__}: {e}"))
+        return
     if not names:
-        return [InputVideo(url, skip_reason="not_found: the pattern matched no object")]
-    out = []
+        out.sources.append((url, "not_found: the pattern matched no object"))
     for name in names:
-        full = name if "://" in name else fs.unstrip_protocol(name)
-        suffix = os.path.splitext(name)[1].lower()
-        out.append(InputVideo(full) if suffix in extensions else InputVideo(
-            full, skip_reason=f"not_a_video_extension: {suffix or '(none)'} (add it to the recipe's extensions list)"))
-    return out
+        if os.path.splitext(name)[1].lower() in extensions:
+            out.sources.append((name if "://" in name else fs.unstrip_protocol(name), None))
+        else:
+            out.num_ignored += 1
+
+
+def input_table(sources: list[tuple[str, str | None]], num_buckets: int) -> pa.Table:
+    from curation.ledger import bucket_of, display_source
+
+    ids, shown, raws, buckets, reasons = [], [], [], [], []
+    for source, reason in sources:
+        vid = video_id(source)
+        text, raw = display_source(source)
+        ids.append(vid)
+        shown.append(text)
+        raws.append(raw)
+        buckets.append(bucket_of(vid, num_buckets))
+        reasons.append(reason)
+    return pa.table([ids, shown, raws, buckets, reasons], schema=INPUT_SCHEMA)
+
+
+def list_task(items: list[Item], extensions: list[str], out_dir: str, num_buckets: int) -> tuple[list[Item], int, int]:
+    """One listing task: expands `items`, writes what it found as one part of `out_dir`; returns (work
+    left over, videos found, other files ignored)."""
+    found = expand(items, extensions)
+    if found.sources:
+        path = Path(out_dir) / f"part-{uuid.uuid4().hex}.parquet"
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(input_table(found.sources, num_buckets), tmp)
+        os.replace(tmp, path)
+    return found.pending, len(found.sources), found.num_ignored
+
+
+def source_path(source: str, source_raw: bytes | None) -> str:
+    """The path to open: the raw bytes when the name is not valid UTF-8 (a str with surrogate escapes)."""
+    return os.fsdecode(source_raw) if source_raw is not None else source
+
+
+def discover(inputs: list[str], extensions: list[str]) -> tuple[list[tuple[str, str | None]], int]:
+    """In-process expansion, for small lists and tests: (sources in listing order, without duplicates; how
+    many non-video files were ignored). Runs use `list_task` in Ray tasks instead."""
+    pending = [Item("name", n) for n in inputs]
+    sources: dict[str, str | None] = {}
+    ignored = 0
+    while pending:
+        found = expand(pending[:1], extensions)
+        pending = found.pending + pending[1:]
+        ignored += found.num_ignored
+        for source, reason in found.sources:
+            sources.setdefault(source, reason)
+    return list(sources.items()), ignored

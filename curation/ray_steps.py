@@ -1,34 +1,33 @@
-"""The Ray side of curation: actors that wrap the per-video task and the scoring stages.
+"""The Ray side of curation: the decode actor, the scoring-stage actor and the ledger writer task.
 
-Nothing here knows what a stage computes. Rows crossing Ray are kept to a fixed, simple shape so
-Arrow never has to guess types: ids and status as strings, the ledger record and each stage's
-results as JSON text, key frames as a tensor column.
+Rows crossing Ray have one fixed, typed shape (`ledger.ROW_SCHEMA`): one row per video, its clips as a
+nested list of typed structs (float scores, K x D float32 embeddings, caption structs; no JSON), and per
+clip the JPEG key frames the model stages read. The writer drops the frames and commits the rows to the
+ledger from the task, so nothing but a per-batch count ever reaches the driver.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
+import os
 import shutil
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from curation.config import CurationConfig
+from curation.inputs import is_url, source_path
 from curation.isolation import IsolatedWorker
+from curation.ledger import CLIP_SCHEMA, CLIP_TYPE, Ledger, pipeline_row, rows_table, split_reason, split_rows
 from curation.stage import ClipBatch, Stage
 from curation.video_task import VideoOutput, decode_jpegs, prepare, process_video, video_row
 
-def _row(row_type: str, video_id: str, clip_id: str, status: str, record: dict, frames: list[bytes] | None = None,
-         clip_frames: list[bytes] | None = None) -> dict:
-    return {"row_type": row_type, "video_id": video_id, "clip_id": clip_id, "status": status,
-            "record": json.dumps(record), "key_frames": frames or [], "clip_frames": clip_frames or []}
-
 
 class VideoActor:
-    """Holds one isolated decode process; one input video in, its video row and clip rows out."""
+    """Holds one isolated decode process; one input video in, its row (video + nested clips) out."""
 
     def __init__(self, config: dict[str, Any], run_dir: str) -> None:
         self.config = CurationConfig.model_validate(config)
@@ -36,17 +35,28 @@ class VideoActor:
         self.worker = IsolatedWorker()
         self.node = ray.get_runtime_context().get_node_id()
 
-    def __call__(self, item: dict[str, Any]) -> list[dict]:
-        source, video_id = item["source"], item["video_id"]
-        out = self._process(source, video_id)
-        out.video["processed_on"] = self.node
-        rows = [_row("video", video_id, "", out.video["status"], out.video)]
-        for clip in out.clips:
-            rows.append(_row("clip", video_id, clip["clip_id"], clip["status"], clip,
-                             out.key_frames.get(clip["clip_id"]), out.clip_frames.get(clip["clip_id"])))
-        return rows
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for item in batch.to_pylist():
+            out = self.process(item)
+            out.video["processed_on"] = self.node
+            keys = [out.key_frames.get(c["clip_id"]) or [] for c in out.clips]
+            spread = [out.clip_frames.get(c["clip_id"]) or [] for c in out.clips]
+            rows.append(pipeline_row({**out.video, "source": item["source"], "source_raw": item.get("source_raw")},
+                                     out.clips, keys, spread))
+        return rows_table(rows)
 
-    def _process(self, source: str, video_id: str) -> VideoOutput:
+    def process(self, item: dict[str, Any]) -> VideoOutput:
+        video_id, shown = item["video_id"], item["source"]
+        path = source_path(shown, item.get("source_raw"))
+        if item.get("skip_reason"):
+            return VideoOutput({**video_row(path, video_id, None), "status": "skipped", "reason": item["skip_reason"]})
+        if not is_url(path) and not os.path.lexists(path):  # anything else is the isolated probe's to judge
+            return VideoOutput({**video_row(path, video_id, None), "status": "skipped",
+                                "reason": "not_found: no such file"})
+        return self._decode(path, video_id)
+
+    def _decode(self, source: str, video_id: str) -> VideoOutput:
         decode = self.config.decode
         probed = self.worker.call(prepare, source, decode.max_pixels, timeout_s=decode.probe_timeout_s)
         if not probed.ok:
@@ -72,51 +82,66 @@ def _failed(source: str, video_id: str, info, reason: str) -> VideoOutput:
 
 
 class StageActor:
-    """Any `Stage` as a Ray Data batch function: scores the usable clips of a batch, passes other rows on."""
+    """Any `Stage` as a Ray Data batch function over video rows: scores the usable clips of the batch in
+    calls of the stage's batch_size clips, writes the scores into the clips' typed columns, and passes
+    the key frames on untouched for the next stage."""
 
     def __init__(self, stage_path: str, config: dict[str, Any]) -> None:
         module, name = stage_path.rsplit(".", 1)
         cls: type[Stage] = getattr(importlib.import_module(module), name)
         self.stage = cls(cls.Config.model_validate(config))
+        unknown = sorted(set(cls.columns) - set(CLIP_SCHEMA.names))
+        if unknown:
+            raise TypeError(f"stage {cls.name} writes columns the ledger does not have: {unknown}; add them to "
+                            "ledger.CLIP_SCHEMA with their Arrow type")
         self.stage.ensure_setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # Arrow in, Arrow out: the JPEG key frames pass through untouched for the next stage.
-        row_type, status, clip_ids = (batch.column(c).to_pylist() for c in ("row_type", "status", "clip_id"))
-        usable = [i for i in range(batch.num_rows) if row_type[i] == "clip" and status[i] == "ok"]
-        context = dict(zip(usable, _context(batch, usable)))
-        todo = [i for i in usable if self.stage.config.wants(context[i])]
-        results = [""] * batch.num_rows
-        if todo:
-            key_frames = batch.column("key_frames")
-            spread = batch.column("clip_frames") if "clip_frames" in batch.column_names else None
+        clips = batch.column("clips").to_pylist()
+        todo = [(v, c) for v, video_clips in enumerate(clips) for c, clip in enumerate(video_clips)
+                if clip["status"] == "ok" and self.stage.config.wants(clip)]
+        if not todo:
+            return batch
+        key_frames = batch.column("key_frames")
+        spread = batch.column("clip_frames")
+        size = max(1, self.stage.config.batch_size)
+        for start in range(0, len(todo), size):
+            part = todo[start:start + size]
+            frames = [decode_jpegs(key_frames[v].as_py()[c]) for v, c in part]
             clip_frames = None
-            if spread is not None and self.stage.uses_clip_frames:
-                clip_frames = [decode_jpegs(f) if (f := spread[i].as_py()) else None for i in todo]
-            res = self.stage(ClipBatch([clip_ids[i] for i in todo],
-                                       [decode_jpegs(key_frames[i].as_py()) for i in todo],
-                                       [context[i] for i in todo], clip_frames))
-            for j, i in enumerate(todo):
-                entry = {col: _plain(values[j]) for col, values in res.scores.items()}
+            if self.stage.uses_clip_frames:
+                clip_frames = [decode_jpegs(f) if (f := spread[v].as_py()[c]) else None for v, c in part]
+            res = self.stage(ClipBatch([clips[v][c]["clip_id"] for v, c in part], frames,
+                                       [clips[v][c] for v, c in part], clip_frames))
+            for j, (v, c) in enumerate(part):
+                clip = clips[v][c]
+                for col, values in res.scores.items():
+                    clip[col] = _plain(values[j])
                 if res.reasons and res.reasons[j]:
-                    entry["reason"] = res.reasons[j]
-                results[i] = json.dumps(entry)
-        return batch.append_column(f"stage_{self.stage.name}", pa.array(results, pa.string()))
+                    clip.update(status="failed", reason=res.reasons[j])
+                    clip["reason_code"], clip["reason_detail"] = split_reason(res.reasons[j])
+        i = batch.schema.get_field_index("clips")
+        return batch.set_column(i, "clips", pa.array(clips, type=pa.list_(CLIP_TYPE)))
 
 
-def _context(batch: pa.Table, rows: list[int]) -> list[dict[str, Any]]:
-    """Each row's clip record with the results of the stages before this one merged in."""
-    records = batch.column("record")
-    earlier = [batch.column(n) for n in batch.column_names if n.startswith("stage_")]
-    out = []
-    for i in rows:
-        ctx = json.loads(records[i].as_py())
-        for col in earlier:
-            value = col[i].as_py()
-            if value:
-                ctx.update(json.loads(value))
-        out.append(ctx)
-    return out
+def write_ledger(batch: pa.Table, run_dir: str, num_buckets: int) -> pa.Table:
+    """The pipeline's last step, in a Ray task: commits a batch of finished videos to the ledger, one pair of
+    files per hash bucket present, and returns one row of counts for the driver's progress bar."""
+    ledger = Ledger(run_dir)
+    videos, clips = split_rows(batch.drop_columns([c for c in ("key_frames", "clip_frames") if c in batch.column_names]))
+    buckets = pc.remainder(_id_prefix(videos.column("video_id")), num_buckets)
+    clip_buckets = pc.remainder(_id_prefix(clips.column("video_id")), num_buckets)
+    for b in pc.unique(buckets).to_pylist():
+        ledger.commit(b, videos.filter(pc.equal(buckets, b)), clips.filter(pc.equal(clip_buckets, b)))
+    ok = pc.sum(pc.equal(clips.column("status"), "ok")).as_py() or 0
+    return pa.table({"videos": [videos.num_rows], "clips": [clips.num_rows], "clips_ok": [ok]})
+
+
+def _id_prefix(ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """int(video_id[:8], 16), vectorised (ledger.bucket_of for a column)."""
+    prefix = pc.utf8_slice_codeunits(ids, 0, 8)
+    values = np.array([int(p, 16) for p in prefix.to_pylist()], dtype=np.int64)
+    return pa.array(values)
 
 
 def _plain(v: Any) -> Any:

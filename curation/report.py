@@ -7,12 +7,19 @@ What the page shows, all read from the run folder (nothing is decoded or scored 
 1. the funnel (funnel.json) as horizontal bars, as in SVD's data-curation figure: video steps as a
    share of the input videos, clip steps as a share of all clips;
 2. a histogram of every score column (see `score_columns`), kept and not-kept clips stacked, with the
-   recipe's thresholds drawn as lines; a percentile rule (drop_bottom_pct / drop_top_pct) is drawn at
-   the value it resolved to, computed as curation/thresholds.py does (over the usable clips);
-3. a contact sheet: kept clips, then not-kept clips grouped by reason kind (`pipeline.reason_kind`),
+   thresholds drawn as lines where the last decision pass put them (decisions/_summary.json; a run
+   without it: config.yaml's rules, a percentile resolved over the usable clips as the decisions do);
+3. a contact sheet: kept clips, then not-kept clips grouped by reason code (decisions' `reason_code`),
    each with its thumbnail strip (first | middle | last key frame), scores, captions and decision; at
    most `max_clips` clips per side, picked deterministically and spread over videos and reasons;
-4. the resolved recipe (config.yaml, verbatim) and run.json's basics.
+4. the videos that were not decoded (the first MAX_FAILED_VIDEOS), the resolved recipe (config.yaml,
+   verbatim) and run.json's basics.
+
+Nothing here holds the ledger in memory, so the report of a cluster-scale run costs what a small one
+does: counts and histograms are summed file by file (`Ledger.iter_clips`, one clips file and its
+decisions at a time, two passes: ranges, then bin counts); percentiles, the contact-sheet sample and the
+failed videos are DuckDB aggregates (which spill to disk past DUCKDB_MEMORY); of the sampled clips only
+their own rows are read (the row groups that hold them).
 
 The file has no external references: CSS is inline, thumbnails are data: URIs, and the few lines of
 JavaScript (filter buttons) are optional, the page renders fully without them. Every string from the
@@ -21,8 +28,9 @@ ledger (captions, file names, reasons) is HTML-escaped: they come from untrusted
 DOM hooks (stable, used by the tests): `.funnel-step[data-step]` with `.funnel-count[data-step][data-count]`;
 `.stat[data-stat]` (videos, clips, usable, kept, from the ledger); `figure.histogram[data-column]` holding
 `rect.bar.kept|.bar.dropped[data-count]` and `line.threshold[data-column][data-kind][data-value]`;
-`.clip-group[data-group][data-total][data-shown]` holding `.clip-card[data-clip-id][data-keep]`, each
-with `img.thumb` or `.thumb.placeholder`, `.caption` and `.decision`.
+`.clip-group[data-group][data-total][data-shown]` ("kept", or a reason code) holding
+`.clip-card[data-clip-id][data-keep]`, each with `img.thumb` or `.thumb.placeholder`, `.caption` and
+`.decision`.
 """
 
 from __future__ import annotations
@@ -31,23 +39,41 @@ import base64
 import html
 import json
 import math
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from curation.pipeline import reason_kind
+from curation.decisions import SUMMARY
+from curation.ledger import CLIP_SCHEMA, DECISION_SCHEMA, Ledger
 
 REPORT_NAME = "report.html"
 DEFAULT_MAX_CLIPS = 60
+MAX_FAILED_VIDEOS = 200
+SAMPLE_FACTOR = 8        # rows kept per contact-sheet slot before the even spacing picks
+HASH_RANGE = 1 << 20
+DUCKDB_MEMORY = "256MB"  # DuckDB spills sorts and aggregates to a temporary folder past this (bounded RSS)
 # Score columns shown even when no threshold names them (the stages' outputs).
 KNOWN_SCORES = ("motion_score", "text_area", "aesthetic", "caption_similarity", "dup_similarity")
 # Float columns that describe a clip or its decoding rather than score it.
 BOOKKEEPING = {"start_s", "end_s", "duration_s", "fps", "width", "height", "num_frames", "start_frame",
                "end_frame", "clip_index", "sar", "process_s", "coded_width", "coded_height", "rotation",
                "size_bytes", "num_corrupt", "motion_pairs"}
+# Numeric columns of the ledger and of its decisions -> whether they are floats (only those are scores
+# unless a threshold names them).
+NUMERIC = {f.name: pa.types.is_floating(f.type) for f in [*CLIP_SCHEMA, *DECISION_SCHEMA]
+           if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)}
+# What a card shows of a clip, besides its scores and its decision row.
+CARD_COLUMNS = ("clip_id", "video_id", "source", "clip_index", "start_s", "end_s", "duration_s", "status",
+                "reason", "thumb_path", "captions")
+KEPT = "kept"
+UNKNOWN_REASON = "unknown"  # a not-kept clip whose decision has no reason code
 THUMB_MAX_BYTES = 1 << 20  # a larger "thumbnail" is not one; it would bloat a page meant for mailing
 # Colours the tests look for in the screenshot.
 FUNNEL_COLOR = "#2f6db5"
@@ -57,140 +83,219 @@ THRESHOLD_COLOR = "#7b2cbf"
 
 
 class NoLedger(FileNotFoundError):
-    """The folder holds no consolidated ledger; the message says which command writes one."""
+    """The folder holds no decided ledger; the message says which command writes one."""
+
+
+@dataclass(frozen=True)
+class Line:
+    """A threshold line: one bound of a rule, a percentile at the value it resolved to."""
+
+    kind: str    # "min" | "max" | "drop_bottom_pct" | "drop_top_pct"
+    label: str   # "min", "bottom 20%"
+    value: float
+
+
+@dataclass
+class Histogram:
+    column: str
+    num_scored: int            # clips with a finite value
+    num_missing: int           # clips without one
+    lines: list[Line]
+    has_rule: bool             # a threshold names the column (its rule is shown even without values)
+    edges: np.ndarray | None = None    # None when no clip has a value
+    kept: np.ndarray | None = None     # clips per bin
+    dropped: np.ndarray | None = None
+
+
+@dataclass
+class ClipGroup:
+    key: str           # "kept" or the reason code
+    title: str
+    total: int         # clips in the group
+    shown: list[dict]  # the sampled clips: their ledger row with their decision row
 
 
 @dataclass
 class RunData:
     run_dir: Path
-    videos: pd.DataFrame
-    clips: pd.DataFrame
     funnel: list[dict] | None
     config_text: str | None
-    thresholds: dict[str, dict[str, float | None]]
+    rules: dict[str, dict[str, float | None]]   # threshold rules by score column
     run_info: dict[str, Any] | None
+    stats: dict[str, float]                     # videos, clips, usable, kept, kept_seconds
+    histograms: list[Histogram]
+    groups: list[ClipGroup]
+    has_thumbs: bool                            # any clip has a thumbnail path
+    failed_videos: list[dict]                   # the first MAX_FAILED_VIDEOS not decoded, by source
+    num_failed_videos: int
     models: list[dict[str, Any]] = field(default_factory=list)  # models.json: the weights that scored the run
 
+    @property
+    def score_columns(self) -> list[str]:
+        return [h.column for h in self.histograms]
 
-def load_run(run_dir: str | Path) -> RunData:
+
+def load_run(run_dir: str | Path, max_clips: int = DEFAULT_MAX_CLIPS) -> RunData:
+    """Everything the page shows, as aggregates and a sample: memory does not grow with the clips."""
     run_dir = Path(run_dir)
-    ledger = run_dir / "ledger"
-    if not (ledger / "clips.parquet").is_file():
-        if not run_dir.is_dir():
-            raise NoLedger(f"{run_dir} does not exist; pass the output folder of a curation run "
-                           f"(lvd curate RECIPE --set output={run_dir})")
-        if (ledger / "parts").is_dir():
-            raise NoLedger(f"{run_dir} has ledger parts but no consolidated ledger (the run was interrupted): "
-                           "re-run the same `lvd curate` command to finish it, then `lvd report` again")
-        raise NoLedger(f"no ledger in {run_dir}: run `lvd curate RECIPE --set output={run_dir}` first")
-    videos = pd.read_parquet(ledger / "videos.parquet") if (ledger / "videos.parquet").is_file() else pd.DataFrame()
-    clips = _read_clips(ledger / "clips.parquet")
+    ledger = Ledger(run_dir)
+    check_decided(ledger)
+    config_text, tree = _read_config(run_dir)
+    rules, lines = threshold_lines(ledger, tree)
+    candidates = [c for c in NUMERIC if c in rules or c in KNOWN_SCORES or (NUMERIC[c] and c not in BOOKKEEPING)]
+    totals, scored = _first_pass(ledger, candidates)
+    columns = score_columns(rules, {c: s[0] for c, s in scored.items()})
+    histograms = [Histogram(c, scored[c][0], int(totals["clips"]) - scored[c][0], lines.get(c, []), c in rules)
+                  for c in columns]
+    for h in histograms:
+        if h.num_scored:
+            h.edges = histogram_edges(scored[h.column][1], scored[h.column][2], h.num_scored, h.lines)
+    _bin_counts(ledger, [h for h in histograms if h.edges is not None])
+    groups = select_clips(ledger, max_clips, columns)
+    num_videos, num_failed, failed = _videos(ledger, MAX_FAILED_VIDEOS)
     funnel = _read_json(run_dir / "funnel.json")
     run_info = _read_json(run_dir / "run.json")
-    config_text, thresholds = None, {}
-    if (run_dir / "config.yaml").is_file():
-        import yaml
-
-        config_text = (run_dir / "config.yaml").read_text(errors="replace")
-        try:
-            tree = yaml.safe_load(config_text) or {}
-        except yaml.YAMLError:
-            tree = {}
-        raw = tree.get("thresholds") if isinstance(tree, dict) else None
-        for name, rule in (raw or {}).items():
-            if isinstance(rule, dict):
-                thresholds[str(name)] = {k: _float_or_none(rule.get(k))
-                                         for k in ("min", "max", "drop_bottom_pct", "drop_top_pct")}
     models = _read_json(run_dir / "models.json")
-    return RunData(run_dir, videos, clips, funnel if isinstance(funnel, list) else None, config_text,
-                   thresholds, run_info if isinstance(run_info, dict) else None,
+    stats = {"videos": num_videos, **{k: v for k, v in totals.items() if k != "thumbs"}}
+    return RunData(run_dir, funnel if isinstance(funnel, list) else None, config_text, rules,
+                   run_info if isinstance(run_info, dict) else None, stats, histograms, groups,
+                   totals["thumbs"] > 0, failed, num_failed,
                    [m for m in models if isinstance(m, dict)] if isinstance(models, list) else [])
 
 
-def score_columns(clips: pd.DataFrame, thresholds: dict[str, Any]) -> list[str]:
+def check_decided(ledger: Ledger) -> None:
+    """Raises NoLedger, naming the command that fixes it, unless every committed clips file has its decisions."""
+    run_dir = ledger.run_dir
+    if not run_dir.is_dir():
+        raise NoLedger(f"{run_dir} does not exist; pass the output folder of a curation run "
+                       f"(lvd curate RECIPE --set output={run_dir})")
+    if not ledger.has_rows():
+        if (ledger.dir / "clips.parquet").is_file():
+            raise NoLedger(f"{run_dir} holds a ledger of the old layout (ledger/clips.parquet), which this version "
+                           "does not read: re-run `lvd curate` into a new output folder")
+        if ledger.meta_path.is_file() or (run_dir / "inputs").is_dir():
+            raise NoLedger(f"{run_dir} has no committed video yet (the run was interrupted): re-run the same "
+                           "`lvd curate` command to finish it, then `lvd report` again")
+        raise NoLedger(f"no ledger in {run_dir}: run `lvd curate RECIPE --set output={run_dir}` first")
+    files = ledger.clip_files()
+    undecided = [f for f in files if not ledger.decision_file(f).is_file()]
+    if not ledger.decisions_dir.is_dir() or undecided:
+        what = "no decisions" if len(undecided) == len(files) else \
+            f"{len(undecided)} of {len(files)} clips files without decisions"
+        raise NoLedger(f"{run_dir} has a ledger but {what} (the run was interrupted before deciding): re-run the "
+                       "same `lvd curate` command (or `lvd curate RECIPE --rethreshold`), then `lvd report` again")
+
+
+def threshold_lines(ledger: Ledger, tree: dict) -> tuple[dict[str, dict[str, float | None]], dict[str, list[Line]]]:
+    """(rules, lines) by score column: as the last decision pass resolved them (decisions/_summary.json), or
+    for a run without it from config.yaml's thresholds, a percentile resolved over the usable clips'
+    scores with DuckDB's quantile_cont (numpy's linear percentile, as the decisions resolve it)."""
+    summary = _read_json(ledger.decisions_dir / SUMMARY)
+    if isinstance(summary, dict) and isinstance(summary.get("bounds"), dict):
+        resolved = {str(name): [Line(str(b.get("kind")), str(b.get("label", b.get("kind"))), float(b["value"]))
+                                for b in bounds if isinstance(b, dict) and _num(b.get("value")) is not None]
+                    for name, bounds in summary["bounds"].items() if isinstance(bounds, list)}
+        return {**{n: {} for n in resolved}, **_rules(summary.get("thresholds"))}, resolved
+    from curation.thresholds import Threshold, percentile_points, resolve_bounds
+
+    rules = _rules(tree.get("thresholds"))
+    lines: dict[str, list[Line]] = {}
+    for name, rule in rules.items():
+        try:
+            threshold = Threshold.model_validate({k: v for k, v in rule.items() if v is not None})
+        except ValueError:
+            continue
+        points = percentile_points(threshold) if name in NUMERIC and name in CLIP_SCHEMA.names else []
+        values = _percentiles(ledger, name, points) if points else {}
+        lines[name] = [Line(b.kind, b.label, b.value) for b in resolve_bounds(threshold, values)]
+    return rules, lines
+
+
+def score_columns(rules: dict[str, Any], num_scored: dict[str, int]) -> list[str]:
     """Columns named by a threshold (any numeric type), then the known stage scores, then any other
-    float column that is not bookkeeping: the columns a histogram is drawn for, in that order."""
-    def numeric(c: str) -> bool:
-        return c in clips.columns and clips[c].dtype.kind in "iuf"
-
-    out = [c for c in thresholds if numeric(c)]
-    out += [c for c in KNOWN_SCORES if numeric(c) and c not in out]
-    out += [c for c in clips.columns if c not in out and c not in BOOKKEEPING and clips[c].dtype.kind == "f"]
+    float column that is not bookkeeping, the last two only where a clip has a value: the columns a
+    histogram is drawn for, in that order."""
+    out = [c for c in rules if c in NUMERIC]
+    out += [c for c in KNOWN_SCORES if num_scored.get(c) and c not in out]
+    out += [c for c, is_float in NUMERIC.items()
+            if is_float and c not in out and c not in BOOKKEEPING and num_scored.get(c)]
     return out
 
 
-def threshold_bounds(clips: pd.DataFrame, column: str, rule: dict[str, float | None]) -> list[tuple[str, str, float]]:
-    """(kind, label, value) of each bound of a rule; percentiles resolve over the usable clips' scores
-    exactly as curation.thresholds._evaluate resolves them."""
-    values = pd.to_numeric(clips[column], errors="coerce").to_numpy(dtype=float)
-    usable = (clips["status"] == "ok").to_numpy() if "status" in clips.columns else np.ones(len(clips), bool)
-    scored = values[usable & ~np.isnan(values)]
-    out = []
-    if rule.get("min") is not None:
-        out.append(("min", "min", float(rule["min"])))
-    if rule.get("max") is not None:
-        out.append(("max", "max", float(rule["max"])))
-    if rule.get("drop_bottom_pct") is not None and scored.size:
-        pct = rule["drop_bottom_pct"]
-        out.append(("drop_bottom_pct", f"bottom {pct:g}%", float(np.percentile(scored, pct))))
-    if rule.get("drop_top_pct") is not None and scored.size:
-        pct = rule["drop_top_pct"]
-        out.append(("drop_top_pct", f"top {pct:g}%", float(np.percentile(scored, 100 - pct))))
-    return out
+def histogram_edges(lo: float, hi: float, num_scored: int, lines: list[Line]) -> np.ndarray:
+    """Bin edges over the values' range, widened to a threshold unless that would squash the data to a sliver."""
+    span = hi - lo
+    for line in lines:
+        nlo, nhi = min(lo, line.value), max(hi, line.value)
+        if span == 0 or (hi - lo) >= 0.25 * (nhi - nlo):
+            lo, hi = nlo, nhi
+    if hi == lo:
+        pad = abs(lo) * 0.05 or 0.5
+        lo, hi = lo - pad, hi + pad
+    num_bins = int(np.clip(2 * math.ceil(math.sqrt(num_scored)), 5, 40))
+    return np.linspace(lo, hi, num_bins + 1)
 
 
-@dataclass
-class ClipGroup:
-    key: str        # "kept" or the reason kind
-    title: str
-    total: int      # clips in the group
-    shown: pd.DataFrame
-
-
-def select_clips(clips: pd.DataFrame, max_clips: int = DEFAULT_MAX_CLIPS) -> list[ClipGroup]:
-    """Kept clips, then not-kept ones by reason kind (largest first). At most `max_clips` kept and
-    `max_clips` not kept are shown: evenly spaced over the (video, clip index) order, and for the
-    not-kept ones dealt round robin over the reason kinds, largest first (so every kind shows clips
-    while there are slots, and a small kind's unused share goes to the others)."""
+def select_clips(ledger: Ledger, max_clips: int = DEFAULT_MAX_CLIPS, columns: list[str] = ()) -> list[ClipGroup]:
+    """Kept clips, then not-kept ones by reason code (largest first). At most `max_clips` kept and
+    `max_clips` not kept are shown: evenly spaced over the clip id order (`<video_id>-<index>`: the
+    video, clip index order), and for the not-kept ones dealt round robin over the reason codes, largest
+    first (so every code shows clips while there are slots, and a small code's unused share goes to the
+    others). One DuckDB pass over the decisions' ids picks them; only their rows are then read, with the
+    card columns and the score `columns`."""
     if max_clips < 0:
         raise ValueError(f"max_clips ({max_clips}) must be 0 or more")
-    order = [c for c in ("video_id", "clip_index", "clip_id") if c in clips.columns]
-    clips = clips.sort_values(order, kind="stable") if order else clips
-    keep = clips["keep"].fillna(False).astype(bool) if "keep" in clips.columns else pd.Series(False, clips.index)
-    groups = [ClipGroup("kept", "kept", int(keep.sum()), _spread(clips[keep], max_clips))]
-    dropped = clips[~keep]
-    if "decision" in dropped.columns:
-        why = dropped["decision"].fillna("").astype(str)
-    else:
-        why = pd.Series("", index=dropped.index)
-    kinds = why.map(lambda d: reason_kind(d) if d else "not kept (no decision recorded)")
-    sizes = kinds.value_counts()
-    ordered = sorted(sizes.index, key=lambda k: (-sizes[k], k))
-    # round robin, largest kind first: one clip per kind and round until the slots run out
-    quota, left = dict.fromkeys(ordered, 0), max_clips
-    while left and any(quota[k] < sizes[k] for k in ordered):
-        for kind in ordered:
-            if left and quota[kind] < sizes[kind]:
-                quota[kind] += 1
-                left -= 1
-    for kind in ordered:
-        members = dropped[kinds == kind]
-        groups.append(ClipGroup(kind, kind, len(members), _spread(members, quota[kind])))
-    return groups
+    files = [str(ledger.decision_file(f)) for f in ledger.clip_files()]
+    if not files:
+        return []
+    groups = (f"SELECT clip_id, filename, file_row_number AS row, CASE WHEN coalesce(keep, false) THEN '{KEPT}' "
+              f"ELSE coalesce(reason_code, '{UNKNOWN_REASON}') END AS grp FROM read_parquet(?, filename=true, "
+              "file_row_number=true, union_by_name=true, hive_partitioning=false)")
+    with _duckdb() as db:
+        sizes = dict(db.execute(f"SELECT grp, count(*) FROM ({groups}) GROUP BY grp", [files]).fetchall())
+        dropped = sorted((k for k in sizes if k != KEPT), key=lambda k: (-sizes[k], k))
+        quota = {KEPT: min(max_clips, sizes.get(KEPT, 0)), **_round_robin({k: sizes[k] for k in dropped}, max_clips)}
+        # a big group is first thinned to ~SAMPLE_FACTOR x its quota by a hash of the clip id (deterministic,
+        # spread over every file), so the ranking below holds a few hundred rows, not the run
+        keep_of = {g: min(HASH_RANGE, -(-SAMPLE_FACTOR * k * HASH_RANGE // sizes[g])) if k else 0
+                   for g, k in quota.items()}
+        db.register("quota", pa.table({"grp": list(quota), "k": list(quota.values()),
+                                       "thr": [keep_of[g] for g in quota]}))
+        # evenly spaced ranks floor(i * n / k), i < k: rank r is one iff i = ceil(r * k / n) gives it back
+        picked = db.execute(f"""SELECT grp, filename, row FROM (
+                SELECT grp, filename, row, k, row_number() OVER (PARTITION BY grp ORDER BY clip_id, filename, row) - 1
+                    AS r, count(*) OVER (PARTITION BY grp) AS n
+                FROM ({groups}) JOIN quota USING (grp) WHERE k > 0 AND hash(clip_id) % {HASH_RANGE} < thr)
+            WHERE least(k, n) > 0 AND (r * least(k, n) + n - 1) // n < least(k, n)
+                AND ((r * least(k, n) + n - 1) // n) * n // least(k, n) = r
+            ORDER BY grp, r""", [files]).fetchall()
+    rows = _read_rows(ledger, [(Path(f), int(r)) for _, f, r in picked],
+                      [*CARD_COLUMNS, *(c for c in columns if c in CLIP_SCHEMA.names and c not in CARD_COLUMNS)])
+    shown: dict[str, list[dict]] = {k: [] for k in quota}
+    for (grp, _, _), row in zip(picked, rows):
+        shown[grp].append(row)
+    out = [ClipGroup(KEPT, KEPT, sizes.get(KEPT, 0), shown[KEPT])]
+    out += [ClipGroup(k, k if k != UNKNOWN_REASON else "not kept (no reason code recorded)", sizes[k], shown[k])
+            for k in dropped]
+    return out
 
 
-def _spread(frame: pd.DataFrame, k: int) -> pd.DataFrame:
-    n = len(frame)
-    if k >= n:
-        return frame
-    return frame.iloc[[i * n // k for i in range(k)]]
+def _round_robin(sizes: dict[str, int], slots: int) -> dict[str, int]:
+    """Slots dealt one per group and round, in the given order, until they or the groups run out."""
+    quota = dict.fromkeys(sizes, 0)
+    while slots and any(quota[k] < sizes[k] for k in sizes):
+        for k in sizes:
+            if slots and quota[k] < sizes[k]:
+                quota[k] += 1
+                slots -= 1
+    return quota
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, max_clips: int = DEFAULT_MAX_CLIPS) -> Path:
     """Writes the report of a curation run and returns its path (default RUN_DIR/report.html)."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, max_clips)
     path = Path(out) if out is not None else run.run_dir / REPORT_NAME
-    page = render(run, max_clips)
+    page = render(run)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -198,10 +303,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, max_clips: 
     return path
 
 
-def render(run: RunData, max_clips: int = DEFAULT_MAX_CLIPS) -> str:
-    clips = run.clips
-    columns = score_columns(clips, run.thresholds)
-    groups = select_clips(clips, max_clips) if not clips.empty else []
+def render(run: RunData) -> str:
     title = f"curation report: {run.run_dir.name or run.run_dir}"
     parts = [
         "<!DOCTYPE html>",
@@ -212,12 +314,12 @@ def render(run: RunData, max_clips: int = DEFAULT_MAX_CLIPS) -> str:
         f"<header><h1>{_e(title)}</h1><p class=\"path\">{_e(str(run.run_dir.absolute()))}</p>",
         _stats(run), _stand_in_warning(run), "</header>",
         '<section id="funnel"><h2>Funnel</h2>', _funnel(run), "</section>",
-        '<section id="reasons"><h2>Why clips were not kept</h2>', _reasons(run, groups), "</section>",
+        '<section id="reasons"><h2>Why clips were not kept</h2>', _reasons(run.groups), "</section>",
         '<section id="scores"><h2>Scores</h2>', _legend(), '<div class="histograms">',
-        *(_histogram(clips, c, run.thresholds.get(c)) for c in columns),
-        "</div>" + ("" if columns else '<p class="empty">no score columns in the ledger</p>') + "</section>",
-        '<section id="clips"><h2>Clips</h2>', _contact_sheet(run, columns, groups), "</section>",
-        '<section id="videos"><h2>Videos not decoded</h2>', _failed_videos(run.videos), "</section>",
+        *(_histogram(h) for h in run.histograms),
+        "</div>" + ("" if run.histograms else '<p class="empty">no score columns in the ledger</p>') + "</section>",
+        '<section id="clips"><h2>Clips</h2>', _contact_sheet(run), "</section>",
+        '<section id="videos"><h2>Videos not decoded</h2>', _failed_videos(run), "</section>",
         '<section id="run"><h2>Run</h2>', _run_info(run), "</section>",
         f"<script>{JS}</script>",
         "</body></html>",
@@ -225,15 +327,167 @@ def render(run: RunData, max_clips: int = DEFAULT_MAX_CLIPS) -> str:
     return "\n".join(parts)
 
 
+# ---------------------------------------------------------------- reading
+
+def _first_pass(ledger: Ledger, candidates: list[str]) -> tuple[dict[str, float], dict[str, tuple[int, float, float]]]:
+    """One pass, file by file: the run's counts, and per candidate score column (finite values, min, max)."""
+    totals = {"clips": 0, "usable": 0, "kept": 0, "kept_seconds": 0.0, "thumbs": 0}
+    scored = {c: (0, math.inf, -math.inf) for c in candidates}
+    clip_side = [c for c in candidates if c in CLIP_SCHEMA.names]
+    for table in _clip_tables(ledger, ["status", "duration_s", "thumb_path", *clip_side]):
+        keep = _bools(table, "keep")
+        totals["clips"] += table.num_rows
+        totals["usable"] += int(_bools(table, "status", equal="ok").sum())
+        totals["kept"] += int(keep.sum())
+        totals["kept_seconds"] += float(np.nansum(_floats(table, "duration_s")[keep]))
+        thumbs = table.column("thumb_path")
+        totals["thumbs"] += int(pc.sum(pc.fill_null(pc.not_equal(thumbs, ""), False)).as_py() or 0)
+        for c in candidates:
+            values = _floats(table, c)
+            values = values[np.isfinite(values)]
+            if values.size:
+                n, lo, hi = scored[c]
+                scored[c] = (n + values.size, min(lo, float(values.min())), max(hi, float(values.max())))
+    return totals, scored
+
+
+def _bin_counts(ledger: Ledger, histograms: list[Histogram]) -> None:
+    """The second pass: kept and not-kept clips per bin, summed over the files (bins are fixed by then)."""
+    for h in histograms:
+        h.kept = np.zeros(len(h.edges) - 1, np.int64)
+        h.dropped = np.zeros(len(h.edges) - 1, np.int64)
+    if not histograms:
+        return
+    clip_side = [h.column for h in histograms if h.column in CLIP_SCHEMA.names]
+    for table in _clip_tables(ledger, clip_side or ["clip_id"]):
+        keep = _bools(table, "keep")
+        for h in histograms:
+            values = _floats(table, h.column)
+            finite = np.isfinite(values)
+            h.kept += np.histogram(values[finite & keep], h.edges)[0]
+            h.dropped += np.histogram(values[finite & ~keep], h.edges)[0]
+
+
+def _clip_tables(ledger: Ledger, columns: list[str]) -> Iterator[pa.Table]:
+    """One clips file at a time with its decisions; a decisions file that does not match is a NoLedger."""
+    try:
+        yield from ledger.iter_clips(columns=list(dict.fromkeys(columns)))
+    except ValueError as e:  # rows of a decisions file do not match its clips file
+        raise NoLedger(str(e)) from None
+
+
+def _read_rows(ledger: Ledger, where: list[tuple[Path, int]], columns: list[str]) -> list[dict]:
+    """The rows at (decisions file, row number): each clip's ledger columns with its decision row. Reads
+    only the row groups that hold them."""
+    out: dict[tuple[Path, int], dict] = {}
+    by_file: dict[Path, list[int]] = {}
+    for path, row in where:
+        by_file.setdefault(path, []).append(row)
+    for decisions, rows in by_file.items():
+        clips = ledger.clips_dir / decisions.parent.name / decisions.name
+        for row, clip, decision in zip(rows, _take(clips, rows, columns), _take(decisions, rows, None)):
+            if clip.get("clip_id") != decision.get("clip_id"):
+                raise NoLedger(f"{decisions} does not match {clips} (row {row}: {decision.get('clip_id')} vs "
+                               f"{clip.get('clip_id')}): re-decide the run with `lvd curate RECIPE --rethreshold`")
+            out[(decisions, row)] = {**clip, **decision}
+    return [out[w] for w in where]
+
+
+def _take(path: Path, rows: list[int], columns: list[str] | None) -> list[dict]:
+    file = pq.ParquetFile(path)
+    if columns is not None:
+        columns = [c for c in columns if c in file.schema_arrow.names]
+    starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
+    out = {}
+    for group in sorted({int(np.searchsorted(starts, r, "right")) - 1 for r in rows}):
+        table = file.read_row_group(group, columns=columns)
+        for r in rows:
+            if starts[group] <= r < starts[group + 1]:
+                out[r] = table.slice(r - int(starts[group]), 1).to_pylist()[0]
+    return [out[r] for r in rows]
+
+
+def _percentiles(ledger: Ledger, column: str, points: list[float]) -> dict[float, float | None]:
+    """Percentiles (0-100) of a score over the usable clips that have one, as curation/decisions.py computes them."""
+    files = [str(f) for f in ledger.clip_files()]
+    if not files:
+        return {}
+    q = ", ".join(f"quantile_cont({column}, {p / 100!r})" for p in points)
+    with _duckdb() as db:
+        row = db.execute(f"SELECT {q} FROM read_parquet(?, union_by_name=true, hive_partitioning=false) WHERE "
+                         f"status = 'ok' AND {column} IS NOT NULL AND NOT isnan({column}::DOUBLE)", [files]).fetchone()
+    return {p: (None if v is None else float(v)) for p, v in zip(points, row)}
+
+
+def _videos(ledger: Ledger, limit: int) -> tuple[int, int, list[dict]]:
+    """(videos, videos not decoded, the first `limit` of those by source)."""
+    files = [str(f) for f in ledger.video_files()]
+    if not files:
+        return 0, 0, []
+    scan = "read_parquet(?, union_by_name=true, hive_partitioning=false)"
+    bad = "coalesce(status, '') NOT IN ('ok', 'no_clips')"
+    with _duckdb() as db:
+        total, failed = db.execute(f"SELECT count(*), count(*) FILTER (WHERE {bad}) FROM {scan}", [files]).fetchone()
+        rows = db.execute(f"SELECT source, status, reason FROM {scan} WHERE {bad} ORDER BY source, video_id "
+                          f"LIMIT {int(limit)}", [files]).fetchall()
+    return int(total), int(failed), [dict(zip(("source", "status", "reason"), r)) for r in rows]
+
+
+@contextmanager
+def _duckdb() -> Iterator[Any]:
+    import duckdb
+
+    with tempfile.TemporaryDirectory(prefix="lvd-report-") as tmp, duckdb.connect() as db:
+        db.execute(f"SET memory_limit = '{DUCKDB_MEMORY}'")
+        db.execute("SET threads TO 2")
+        db.execute("SET preserve_insertion_order = false")
+        db.execute("SET temp_directory = '" + tmp.replace("'", "''") + "'")
+        yield db
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    """A column as float64 (nulls NaN); all NaN when the file lacks it."""
+    if name not in table.column_names or pa.types.is_null(table.column(name).type):
+        return np.full(table.num_rows, np.nan)
+    return pc.cast(table.column(name), pa.float64()).to_numpy()
+
+
+def _bools(table: pa.Table, name: str, equal: str | None = None) -> np.ndarray:
+    """A bool column (or `column == equal`), null as False; all False when the file lacks it."""
+    if name not in table.column_names or pa.types.is_null(table.column(name).type):
+        return np.zeros(table.num_rows, bool)
+    column = table.column(name)
+    column = pc.equal(column, equal) if equal is not None else pc.cast(column, pa.bool_())
+    return pc.fill_null(column, False).to_numpy()
+
+
+def _read_config(run_dir: Path) -> tuple[str | None, dict]:
+    """config.yaml verbatim, and parsed (empty when missing or unreadable)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None, {}
+    import yaml
+
+    text = path.read_text(errors="replace")
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        tree = {}
+    return text, tree if isinstance(tree, dict) else {}
+
+
+def _rules(raw: Any) -> dict[str, dict[str, float | None]]:
+    return {str(name): {k: _float_or_none(rule.get(k)) for k in ("min", "max", "drop_bottom_pct", "drop_top_pct")}
+            for name, rule in (raw if isinstance(raw, dict) else {}).items() if isinstance(rule, dict)}
+
+
 # ---------------------------------------------------------------- sections
 
 def _stats(run: RunData) -> str:
-    clips = run.clips
-    usable = int((clips["status"] == "ok").sum()) if "status" in clips.columns else len(clips)
-    kept = int(clips["keep"].fillna(False).astype(bool).sum()) if "keep" in clips.columns else 0
-    stats = [("videos", len(run.videos)), ("clips", len(clips)), ("usable", usable), ("kept", kept)]
-    seconds = float(clips.loc[clips["keep"].fillna(False).astype(bool), "duration_s"].sum()) \
-        if {"keep", "duration_s"} <= set(clips.columns) else 0.0
+    s = run.stats
+    stats = [("videos", int(s["videos"])), ("clips", int(s["clips"])), ("usable", int(s["usable"])),
+             ("kept", int(s["kept"]))]
+    seconds = float(s["kept_seconds"])
     items = "".join(f'<li><span class="stat" data-stat="{k}">{v}</span> {k}</li>' for k, v in stats)
     return (f'<ul class="stats">{items}<li><span class="stat" data-stat="kept_duration" data-seconds="{seconds:.3f}">'
             f'{_duration(seconds)}</span> of kept clips</li></ul>')
@@ -269,9 +523,7 @@ def _funnel(run: RunData) -> str:
     return '<div class="funnel">' + "".join(rows) + "</div>"
 
 
-def _reasons(run: RunData, groups: list[ClipGroup]) -> str:
-    if "keep" not in run.clips.columns:
-        return '<p class="empty">the ledger has no decisions</p>'
+def _reasons(groups: list[ClipGroup]) -> str:
     groups = groups[1:]
     if not groups:
         return '<p class="empty">every clip was kept</p>'
@@ -286,39 +538,24 @@ def _legend() -> str:
             'over the usable clips)</p>')
 
 
-def _histogram(clips: pd.DataFrame, column: str, rule: dict | None) -> str:
-    values = pd.to_numeric(clips[column], errors="coerce").to_numpy(dtype=float)
-    keep = clips["keep"].fillna(False).to_numpy(dtype=bool) if "keep" in clips.columns else np.zeros(len(clips), bool)
-    finite = np.isfinite(values)
-    bounds = threshold_bounds(clips, column, rule) if rule else []
-    head = (f'<figure class="histogram" data-column="{_e(column)}" data-n="{int(finite.sum())}">'
-            f'<figcaption><b>{_e(column)}</b> <span class="muted">{int(finite.sum())} clips scored'
-            + (f", {len(values) - int(finite.sum())} without a score" if not finite.all() else "") + "</span>")
-    if rule:
-        head += '<br><span class="rule">' + _e(", ".join(f"{lab} {val:.4g}" for _, lab, val in bounds)) + "</span>"
+def _histogram(h: Histogram) -> str:
+    column, lines = h.column, h.lines
+    head = (f'<figure class="histogram" data-column="{_e(column)}" data-n="{h.num_scored}">'
+            f'<figcaption><b>{_e(column)}</b> <span class="muted">{h.num_scored} clips scored'
+            + (f", {h.num_missing} without a score" if h.num_missing else "") + "</span>")
+    if h.has_rule:
+        head += '<br><span class="rule">' + _e(", ".join(f"{b.label} {b.value:.4g}" for b in lines)) + "</span>"
     head += "</figcaption>"
-    if not finite.any():
-        lines = "".join(f'<span class="threshold-missing" data-kind="{k}">{_e(lab)} {v:.4g}</span>'
-                        for k, lab, v in bounds)
-        return head + f'<p class="empty">no values {lines}</p></figure>'
+    if h.edges is None:
+        missing = "".join(f'<span class="threshold-missing" data-kind="{b.kind}">{_e(b.label)} {b.value:.4g}</span>'
+                          for b in lines)
+        return head + f'<p class="empty">no values {missing}</p></figure>'
 
-    w, h, left, right, top, bottom = 420, 180, 40, 12, 26, 34
-    data = values[finite]
-    lo, hi = float(data.min()), float(data.max())
-    span = hi - lo
-    for _, _, v in bounds:  # widen the axis to a threshold unless it would squash the data to a sliver
-        nlo, nhi = min(lo, v), max(hi, v)
-        if span == 0 or (hi - lo) >= 0.25 * (nhi - nlo):
-            lo, hi = nlo, nhi
-    if hi == lo:
-        pad = abs(lo) * 0.05 or 0.5
-        lo, hi = lo - pad, hi + pad
-    num_bins = int(np.clip(2 * math.ceil(math.sqrt(data.size)), 5, 40))
-    edges = np.linspace(lo, hi, num_bins + 1)
-    kept_counts, _ = np.histogram(values[finite & keep], edges)
-    drop_counts, _ = np.histogram(values[finite & ~keep], edges)
+    w, h_px, left, right, top, bottom = 420, 180, 40, 12, 26, 34
+    edges, kept_counts, drop_counts = h.edges, h.kept, h.dropped
+    lo, hi, num_bins = float(edges[0]), float(edges[-1]), len(edges) - 1
     ymax = max(1, int((kept_counts + drop_counts).max()))
-    pw, ph = w - left - right, h - top - bottom
+    pw, ph = w - left - right, h_px - top - bottom
 
     def x(v: float) -> float:
         return left + pw * (v - lo) / (hi - lo)
@@ -326,7 +563,7 @@ def _histogram(clips: pd.DataFrame, column: str, rule: dict | None) -> str:
     def y(c: float) -> float:
         return top + ph * (1 - c / ymax)
 
-    svg = [f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="histogram of {_e(column)}">']
+    svg = [f'<svg viewBox="0 0 {w} {h_px}" width="{w}" height="{h_px}" role="img" aria-label="histogram of {_e(column)}">']
     bw = pw / num_bins
     for i in range(num_bins):
         x0, k, d = left + i * bw, int(kept_counts[i]), int(drop_counts[i])
@@ -344,38 +581,37 @@ def _histogram(clips: pd.DataFrame, column: str, rule: dict | None) -> str:
         svg.append(f'<text class="tick" x="{x(v):.2f}" y="{base + 14}" text-anchor="{anchor}">{v:.4g}</text>')
     svg.append(f'<text class="tick" x="{left - 4}" y="{top + 4}" text-anchor="end">{ymax}</text>')
     svg.append(f'<text class="tick" x="{left - 4}" y="{base}" text-anchor="end">0</text>')
-    for i, (kind, label, v) in enumerate(bounds):
+    for i, line in enumerate(lines):
+        v = line.value
         off = v < lo or v > hi
         xv = x(min(max(v, lo), hi))
-        text = f"{label} {v:.4g}" + (" (off scale)" if off else "")
+        text = f"{line.label} {v:.4g}" + (" (off scale)" if off else "")
         anchor = "start" if xv < left + pw / 2 else "end"
         dx = 3 if anchor == "start" else -3
-        svg.append(f'<line class="threshold" data-column="{_e(column)}" data-kind="{kind}" data-value="{v!r}" '
+        svg.append(f'<line class="threshold" data-column="{_e(column)}" data-kind="{_e(line.kind)}" data-value="{v!r}" '
                    f'x1="{xv:.2f}" y1="{top - 4}" x2="{xv:.2f}" y2="{base}"><title>{_e(text)}</title></line>')
         svg.append(f'<text class="threshold-label" x="{xv + dx:.2f}" y="{top - 8 + 11 * (i % 2)}" '
                    f'text-anchor="{anchor}">{_e(text)}</text>')
-    svg.append(f'<text class="tick" x="{left + pw / 2:.2f}" y="{h - 4}" text-anchor="middle">{_e(column)}</text>')
+    svg.append(f'<text class="tick" x="{left + pw / 2:.2f}" y="{h_px - 4}" text-anchor="middle">{_e(column)}</text>')
     svg.append("</svg>")
     return head + "".join(svg) + "</figure>"
 
 
-def _contact_sheet(run: RunData, columns: list[str], groups: list[ClipGroup]) -> str:
-    clips = run.clips
-    if clips.empty:
+def _contact_sheet(run: RunData) -> str:
+    if not run.stats["clips"]:
         return '<p class="empty">no clips in the ledger</p>'
-    has_thumbs = "thumb_path" in clips.columns
     out = ['<p class="filters" hidden>show: <button data-filter="all">all</button> '
            '<button data-filter="kept">kept</button> <button data-filter="dropped">not kept</button></p>']
-    if not has_thumbs:
-        out.append('<p class="muted">this run has no thumbnails (its ledger predates them): re-run '
+    if not run.has_thumbs:
+        out.append('<p class="muted">no clip of this run has a thumbnail (its ledger predates them): re-run '
                    '<code>lvd curate</code> into a new output folder to get them</p>')
-    for g in groups:
-        cls = "kept" if g.key == "kept" else "dropped"
+    for g in run.groups:
+        cls = "kept" if g.key == KEPT else "dropped"
         out.append(f'<div class="clip-group {cls}" id="group-{_slug(g.key)}" data-group="{_e(g.key)}" '
                    f'data-total="{g.total}" data-shown="{len(g.shown)}">'
                    f'<h3>{_e(g.title)} <span class="muted">showing {len(g.shown)} of {g.total}</span></h3>'
                    '<div class="cards">')
-        out.extend(_card(run.run_dir, row, columns, has_thumbs) for row in g.shown.to_dict("records"))
+        out.extend(_card(run.run_dir, row, run.score_columns, run.has_thumbs) for row in g.shown)
         out.append("</div></div>")
     return "".join(out)
 
@@ -463,15 +699,16 @@ def _thumb(run_dir: Path, rel: Any, clip_id: str) -> str:
             f'src="data:{mime};base64,{base64.b64encode(data).decode()}">')
 
 
-def _failed_videos(videos: pd.DataFrame, limit: int = 200) -> str:
-    if videos.empty or "status" not in videos.columns:
+def _failed_videos(run: RunData) -> str:
+    total, failed = int(run.stats["videos"]), run.num_failed_videos
+    if not total:
         return '<p class="empty">no videos in the ledger</p>'
-    bad = videos[~videos["status"].isin(["ok", "no_clips"])]
-    if bad.empty:
-        return f'<p class="muted">all {len(videos)} videos were decoded</p>'
+    if not failed:
+        return f'<p class="muted">all {total} videos were decoded</p>'
     rows = "".join(f'<tr><td>{_e(str(r.get("source")))}</td><td>{_e(str(r.get("status")))}</td>'
-                   f'<td>{_e(str(r.get("reason") or ""))}</td></tr>' for r in bad.head(limit).to_dict("records"))
-    more = f'<p class="muted">and {len(bad) - limit} more (see ledger/videos.parquet)</p>' if len(bad) > limit else ""
+                   f'<td>{_e(str(r.get("reason") or ""))}</td></tr>' for r in run.failed_videos)
+    shown = len(run.failed_videos)
+    more = f'<p class="muted">and {failed - shown} more (see ledger/videos/)</p>' if failed > shown else ""
     return f'<table class="videos"><tr><th>source</th><th>status</th><th>reason</th></tr>{rows}</table>{more}'
 
 
@@ -536,18 +773,6 @@ def _isnan(v: Any) -> bool:
 
 def _float_or_none(v: Any) -> float | None:
     return None if v is None else _num(v)
-
-
-def _read_clips(path: Path) -> pd.DataFrame:
-    """The clip ledger without its list columns (embeddings, per-frame scores): the page shows none of
-    them, and on a large run they are most of the memory. Captions are the exception."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pq.read_schema(path)
-    columns = [f.name for f in schema if f.name == "captions" or not pa.types.is_list(f.type)
-               and not pa.types.is_large_list(f.type) and not pa.types.is_fixed_size_list(f.type)]
-    return pq.read_table(path, columns=columns).to_pandas()
 
 
 def _read_json(path: Path) -> Any:

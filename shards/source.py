@@ -1,4 +1,5 @@
-"""A curation run as shards see it: the clips ledger, read with pandas, and the clip files.
+"""A curation run as shards see it: its ledger (clips files and the decisions beside them), read file by file
+with pyarrow, and the clip files.
 
 Shards do not know what a score means. Every column of the ledger is carried into the sample json (and every
 scalar one, plus captions, into the manifest) as it is, so a score added by a later curation stage (aesthetic,
@@ -15,15 +16,22 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-# Shards rely on the meaning of: clip_id, video_id, status, keep (selection), width, height, duration_s
-# (buckets), clip_path (the file). Every other column is passed through as it is.
+from curation.ledger import CLIP_SCHEMA, DECISION_SCHEMA, Ledger, read_clip_file
 
+# Shards rely on the meaning of: clip_id, video_id, clip_index (order), status, keep (selection), width,
+# height, duration_s (buckets), clip_path (the file). Every other column is passed through as it is.
+
+SELECTIONS = ("keep", "all_usable")
 # Not copied into the json or the manifest: a path that is only valid on the writing machine.
 LOCAL_ONLY_COLUMNS = ("clip_path",)
 CAPTIONS = "captions"
@@ -31,6 +39,8 @@ CAPTIONS = "captions"
 # tensors of the member EMBEDDING_FILE, not into the json or the manifest (which gets `<column>_shape`).
 EMBEDDING_COLUMNS = ("clip_embedding",)
 EMBEDDING_FILE = "emb.safetensors"
+# Within one ledger file, clips go video by video in clip order.
+FILE_ORDER = [("video_id", "ascending"), ("clip_index", "ascending"), ("clip_id", "ascending")]
 
 
 def embedding_shape_column(column: str) -> str:
@@ -38,34 +48,65 @@ def embedding_shape_column(column: str) -> str:
 
 
 class CurationRun:
-    """The clips of one `lvd curate` output folder."""
+    """The clips of one `lvd curate` output folder, one ledger file at a time.
+
+    The order of the clips is that of the ledger's files (bucket, then name), and within a file video by video
+    in clip order: fixed for a given ledger, so re-runs pack the same shards, and reached without sorting the
+    whole run (a global sort by video would hold every clip's ids at once and, as buckets hash the video id,
+    read every file again for every shard)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
-        self.clips_path = self.run_dir / "ledger" / "clips.parquet"
+        self.ledger = Ledger(self.run_dir)
 
-    def clips(self) -> pd.DataFrame:
-        if not self.clips_path.is_file():
-            raise FileNotFoundError(f"no ledger at {self.clips_path}: run `lvd curate ... --set output={self.run_dir}` "
-                                    "first, or point at the folder that holds ledger/clips.parquet")
-        clips = pd.read_parquet(self.clips_path)
-        missing = [c for c in ("clip_id", "video_id", "status", "keep") if c not in clips.columns]
-        if missing:
-            raise ValueError(f"{self.clips_path} lacks columns {missing}; is this a finished curation run? "
-                             "re-run `lvd curate` (or `lvd curate --rethreshold`) to write the consolidated ledger")
-        return clips
+    def clip_files(self) -> list[Path]:
+        """The ledger's clips files; refuses a run without a ledger or one that was not decided."""
+        files = self.ledger.clip_files()
+        if not files:
+            raise FileNotFoundError(f"no ledger in {self.run_dir} (no {self.ledger.clips_dir}/bucket=*/*.parquet): run "
+                                    f"`lvd curate RECIPE --set output={self.run_dir}` first, or point at the folder "
+                                    "that holds ledger/ and decisions/")
+        undecided = [p for p in files if not self.ledger.decision_file(p).is_file()]
+        if undecided:
+            raise FileNotFoundError(f"the run was not decided ({len(undecided)} of {len(files)} ledger files have no "
+                                    f"decisions, e.g. {self.ledger.decision_file(undecided[0])}): re-run the same "
+                                    "`lvd curate` command, or `lvd curate RECIPE --rethreshold`")
+        return files
 
-    def select(self, selection: str) -> pd.DataFrame:
-        """The clips to write, in a fixed order (video, then clip index) so that re-runs pack the same shards."""
-        clips = self.clips()
-        if selection == "keep":
-            chosen = clips[clips["keep"].fillna(False).astype(bool)]
-        elif selection == "all_usable":
-            chosen = clips[clips["status"] == "ok"]
-        else:
-            raise ValueError(f"selection {selection!r} is not one of keep, all_usable")
-        order = [c for c in ("video_id", "clip_index", "clip_id") if c in chosen.columns]
-        return chosen.sort_values(order, kind="stable").reset_index(drop=True)
+    def schema(self) -> pa.Schema:
+        """The columns of a chosen clip: the ledger's, then the decision columns (keep, decision, reason_code,
+        ..., one pass_<score> per threshold rule) as the first decisions file has them."""
+        decisions = pq.read_schema(self.ledger.decision_file(self.clip_files()[0]))
+        decided = [f for f in decisions if f.name != "clip_id"]
+        names = {f.name for f in decided}
+        typed = [DECISION_SCHEMA.field(f.name) if f.name in DECISION_SCHEMA.names else f for f in decided]
+        return pa.schema([*(f for f in CLIP_SCHEMA if f.name not in names), *typed])
+
+    def chosen_ids(self, selection: str) -> Iterator[pa.ChunkedArray]:
+        """The clip ids `chosen` yields, per file, reading only the ids, status and decisions."""
+        for _, table in self._chosen(selection, ["clip_id", "status"]):
+            yield table.column("clip_id")
+
+    def chosen(self, selection: str) -> Iterator[pa.Table]:
+        """The clips to write with every column of `schema()`, one table per ledger file, in the run's order."""
+        schema = self.schema()
+        for path, table in self._chosen(selection, None):
+            if set(table.column_names) != set(schema.names):
+                raise ValueError(f"{self.ledger.decision_file(path)} has other decision columns than the first "
+                                 f"decisions file ({sorted(set(table.column_names) ^ set(schema.names))} differ): "
+                                 "re-decide the run with `lvd curate RECIPE --rethreshold`")
+            yield table.select(schema.names).cast(schema).sort_by(FILE_ORDER)
+
+    def _chosen(self, selection: str, columns: list[str] | None) -> Iterator[tuple[Path, pa.Table]]:
+        """(clips file, its chosen clips projected to `columns` with the decision columns), one file at a time."""
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+        for path in self.clip_files():
+            table = read_clip_file(path, self.ledger.decision_file(path), columns, kept_only=selection == "keep")
+            if selection == "all_usable":
+                table = table.filter(pc.equal(table.column("status"), "ok"))
+            if table.num_rows:
+                yield path, table
 
     def clip_file(self, row: dict[str, Any]) -> Path:
         """The clip's mp4: the ledger's path, or the run's clips/ folder when the run folder has moved."""
@@ -75,25 +116,12 @@ class CurationRun:
         return self.run_dir / "clips" / str(row["video_id"]) / f"{row['clip_id']}.mp4"
 
 
-def manifest_columns(clips: pd.DataFrame) -> list[str]:
+def manifest_columns(schema: pa.Schema) -> list[str]:
     """Ledger columns that go into the manifest: every scalar column (scores, flags, ids, strings) and the
-    captions list; other list columns (per-frame values) stay in the sample json only."""
-    out = []
-    for name in clips.columns:
-        if name in LOCAL_ONLY_COLUMNS or name in EMBEDDING_COLUMNS:
-            continue
-        if name == CAPTIONS:
-            out.append(name)
-            continue
-        kind = clips[name].dtype.kind
-        if kind in "biuf" or (kind in "OUT" and _is_scalar_strings(clips[name])) or str(clips[name].dtype) == "string":
-            out.append(name)
-    return out
-
-
-def _is_scalar_strings(col: pd.Series) -> bool:
-    sample = col.dropna().head(50)
-    return all(isinstance(v, str) for v in sample)
+    captions list; other list columns (per-frame values, embeddings) stay in the sample's own files."""
+    return [f.name for f in schema
+            if f.name not in LOCAL_ONLY_COLUMNS and f.name not in EMBEDDING_COLUMNS
+            and (f.name == CAPTIONS or not pa.types.is_nested(f.type))]
 
 
 def jsonable(value: Any) -> Any:

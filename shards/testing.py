@@ -1,8 +1,10 @@
 """A fake curation run (ledger + clip files) with known content, for the tests and the benchmark.
 
-No curation code runs: the clips are small synthetic mp4s and the ledger is written with pandas, with the
-columns a real run has plus a few extra scores. Frame j of clip c is flat colour
-(R, G, B) = (frame_level(j), clip_level(c), 128), so a decoded frame tells which clip and which frame it is.
+No curation code runs: the clips are small synthetic mp4s and the ledger (clips, decisions, funnel) is
+written from pandas frames by `Ledger.write_frames`, in the run folder layout of a real run. Frame j of clip c
+is flat colour (R, G, B) = (frame_level(j), clip_level(c), 128), so a decoded frame tells which clip and which
+frame it is. Video ids are 16 hex digits as in a real run, counting up in their first 8 (the bucket hash), so
+the clips spread over the ledger's buckets and sort by clip_id in the order they were made.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from curation.ledger import Ledger
 from curation.synthetic import write_video
 
 
@@ -23,6 +24,18 @@ def frame_level(j: int) -> int:
 
 def clip_level(c: int) -> int:
     return (c * 37) % 250
+
+
+def fake_ids(c: int) -> tuple[str, str]:
+    """(video_id, clip_id) of clip c: three clips per video, the video number in the bucket-hash digits."""
+    video_id = f"{c // 3:08x}00000000"
+    return video_id, f"{video_id}-{c % 3:04d}"
+
+
+def clip_number(clip_id: str) -> int:
+    """The c of a clip id from `fake_ids`."""
+    video_id, index = clip_id.split("-")
+    return 3 * int(video_id[:8], 16) + int(index)
 
 
 def clip_frames(c: int, num_frames: int, h: int, w: int):
@@ -48,8 +61,7 @@ def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps:
     sizes = sizes or [(48, 80)]
     rows = []
     for c in range(num_clips + failed):
-        video_id = f"v{c // 3:03d}"
-        clip_id = f"{video_id}-{c % 3:04d}"
+        video_id, clip_id = fake_ids(c)
         h, w = sizes[c % len(sizes)]
         ok = c < num_clips
         path = run_dir / "clips" / video_id / f"{clip_id}.mp4"
@@ -60,6 +72,12 @@ def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps:
             else:
                 write_video(path, clip_frames(c, num_frames, h, w), fps=fps, gop=8)
         keep = ok and (dropped_every == 0 or c % dropped_every != dropped_every - 1)
+        if keep:
+            decision, code, detail = "", None, None
+        elif ok:
+            decision, code, detail = "motion_score: fake drop", "motion_score_below_min", "fake drop"
+        else:
+            decision, code, detail = "failed: decode_error: fake", "decode_error", "fake"
         row = {
             "clip_id": clip_id, "video_id": video_id, "source": f"/videos/{video_id}.mp4", "clip_index": c % 3,
             "start_frame": 0, "end_frame": num_frames, "num_frames": num_frames, "start_s": 0.0,
@@ -69,7 +87,7 @@ def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps:
             "motion_pairs": 4, "motion_bucket": int(rng.integers(0, 256)),
             "text_area": float(rng.uniform(0, 0.1)), "text_area_frames": [0.0, 0.01, 0.02],
             "text_engine": "fake", "aesthetic": float(rng.uniform(3, 7)) if c % 5 else np.nan,
-            "pass_motion_score": keep, "keep": keep, "decision": "" if keep else "motion_score: fake drop",
+            "pass_motion_score": keep, "keep": keep, "decision": decision, "reason_code": code, "reason_detail": detail,
         }
         if captions:
             row["captions"] = [{"text": f"clip {c} caption a", "weight": 3.0}, {"text": f"clip {c} caption b", "weight": 1.0}]
@@ -81,13 +99,11 @@ def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps:
                 row["clip_embedding"] = emb.tolist()
         rows.append(row)
     clips = pd.DataFrame(rows)
-    (run_dir / "ledger").mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pandas(clips, preserve_index=False)
-    if embedding_dim is not None:  # the ledger's type (the lists above are float32 values held as Python floats)
-        i = table.schema.get_field_index("clip_embedding")
-        table = table.set_column(i, "clip_embedding",
-                                 table.column(i).cast(pa.list_(pa.list_(pa.float32()))))
-    pq.write_table(table, run_dir / "ledger" / "clips.parquet")
-    pd.DataFrame({"video_id": sorted(set(clips["video_id"])), "status": "ok"}).to_parquet(
-        run_dir / "ledger" / "videos.parquet", index=False)
+    videos = pd.DataFrame([{"video_id": v, "source": group["source"].iloc[0], "status": "ok", "num_clips": len(group),
+                            "num_usable_clips": int((group["status"] == "ok").sum())}
+                           for v, group in clips.groupby("video_id", sort=True)])
+    funnel = [{"step": "videos", "count": len(videos)},
+              {"step": "usable clips", "count": int((clips["status"] == "ok").sum())},
+              {"step": "kept", "count": int(clips["keep"].sum())}]
+    Ledger(run_dir).write_frames(videos, clips, funnel)
     return clips

@@ -25,13 +25,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shards.config import ShardWriteConfig
 from shards.decode import DecodeError, encode_jpg, first_last_frames
 from shards.manifest import (FORMAT, RESERVED, SHARD_PATTERN, SHARDS_SCHEMA, Manifest, manifest_schema,
                              part_table, read_part)
-from shards.source import (CAPTIONS, EMBEDDING_COLUMNS, EMBEDDING_FILE, CurationRun, embedding_file,
+from shards.source import (EMBEDDING_COLUMNS, EMBEDDING_FILE, CurationRun, embedding_file,
                            embedding_shape_column, manifest_columns, sample_json)
 from shards.tario import END_OF_ARCHIVE, crc32, sample_layout
 
@@ -240,40 +241,49 @@ def consolidate(out_dir: Path, info: dict[str, Any]) -> Manifest:
 
 def write_shards(run_dir: str | Path, out_dir: str | Path, config: ShardWriteConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> WriteSummary:
-    """A curation run's clips (config.selection) -> shards + manifest in `out_dir`; resumes a killed run."""
+    """A curation run's clips (config.selection) -> shards + manifest in `out_dir`; resumes a killed run.
+
+    Two passes over the ledger, one file at a time: the first reads ids and decisions only (what is left to
+    write, and whether the run still selects every sample already written), the second every column of one
+    file's clips while they are packed."""
     config = config or ShardWriteConfig()
     run, out_dir = CurationRun(run_dir), Path(out_dir)
-    chosen = run.select(config.selection)
-    columns = manifest_columns(chosen)
-    ledger_schema = pa.Schema.from_pandas(chosen[columns], preserve_index=False)
-    if CAPTIONS in columns and ledger_schema.field(CAPTIONS).type == pa.null():
-        ledger_schema = ledger_schema.set(ledger_schema.get_field_index(CAPTIONS),
-                                          pa.field(CAPTIONS, pa.list_(pa.struct([("text", pa.string()),
-                                                                                 ("weight", pa.float64())]))))
-    schema = manifest_schema(ledger_schema)
+    ledger_schema = run.schema()
+    columns = manifest_columns(ledger_schema)
+    schema = manifest_schema(pa.schema([ledger_schema.field(c) for c in columns]))
     # the ledger's columns are part of the settings: parts with other columns would not make one manifest
     writer_doc = {"format": FORMAT, "source_run": str(run.run_dir.resolve()), "selection": config.selection,
-                  "ledger_columns": columns, **config.model_dump(exclude={"workers"})}
-    embedded = [c for c in EMBEDDING_COLUMNS if c in chosen.columns]
-    if embedded:  # (only when present: folders written before embeddings existed still resume)
-        writer_doc["embedding_columns"] = embedded
+                  "ledger_columns": columns,
+                  "embedding_columns": [c for c in EMBEDDING_COLUMNS if c in ledger_schema.names],
+                  **config.model_dump(exclude={"workers"})}
     resume = prepare_out_dir(out_dir, writer_doc)
-    stale = resume.done_keys - set(chosen["clip_id"])
+    done = pa.array(sorted(resume.done_keys), pa.string())
+    stale, total = set(resume.done_keys), 0
+    for ids in run.chosen_ids(config.selection):
+        written = pc.is_in(ids, value_set=done)
+        stale.difference_update(ids.filter(written).to_pylist())
+        total += len(ids) - pc.sum(written).as_py()
     if stale:
         raise ValueError(f"{out_dir} holds {len(stale)} samples the ledger no longer selects (e.g. {sorted(stale)[0]}): "
                          "the run was re-thresholded since; write to a new folder")
-    todo = [_row_dict(r) for r in chosen[~chosen["clip_id"].isin(resume.done_keys)].to_dict("records")]
+
+    def todo() -> Iterator[dict[str, Any]]:
+        for table in run.chosen(config.selection):
+            table = table.filter(pc.invert(pc.is_in(table.column("clip_id"), value_set=done)))
+            for batch in table.to_batches(max_chunksize=256):  # Python rows of a few clips at a time
+                yield from batch.to_pylist()
+
     maker = ClipSampleMaker(run, columns, config.jpeg_quality, config.frame_max_side)
     writer = ShardWriter(out_dir, config, schema, start_index=resume.next_index)
     skipped: list[Skipped] = []
-    for n, result in enumerate(_map(maker, todo, config.workers), 1):
+    for n, result in enumerate(_map(maker, todo(), config.workers if total > 1 else 1), 1):
         if isinstance(result, Skipped):
             log.warning("skipping clip %s: %s", result.key, result.reason)
             skipped.append(result)
         else:
             writer.add(result)
         if progress:
-            progress(n, len(todo))
+            progress(n, total)
     writer.close()
     info = {"source_run": str(run.run_dir.resolve()), "selection": config.selection,
             "writer": config.model_dump(exclude={"workers"}), "num_skipped": len(skipped),
@@ -346,10 +356,10 @@ def tensor_shape(safetensors_bytes: bytes) -> list[int] | None:
     return next(iter(tensors.values())) if len(tensors) == 1 else None
 
 
-def _map(fn: Callable, items: list, workers: int) -> Iterator:
+def _map(fn: Callable, items: Iterable, workers: int) -> Iterator:
     """fn over items in order; with workers > 1 in a process pool with a bounded number in flight, so that
     memory stays flat however many clips the run has."""
-    if workers <= 1 or len(items) < 2:
+    if workers <= 1:
         yield from map(fn, items)
         return
     from collections import deque

@@ -25,6 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes on each side (default: all cores)")
     c.set_defaults(run=run_curate)
 
+    from curation.bench_scale import __doc__ as scale_doc
+
+    sc = which.add_parser("scale", help="driver memory and time per video of curation at two dataset sizes",
+                          description=scale_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc.add_argument("--videos", default="10000,100000", metavar="LIST",
+                    help="comma-separated numbers of stand-in videos (default: %(default)s)")
+    sc.add_argument("--json", default=None, metavar="FILE", help="also write the rows and ratios to FILE")
+    sc.add_argument("--work-dir", default=None, help="folder for the temporary run folders (default: the system's)")
+    sc.set_defaults(run=run_scale)
+
     from jobs.commands.train import register_bench as register_train_bench
 
     register_train_bench(which)
@@ -75,6 +85,19 @@ def run_curate(args: argparse.Namespace) -> int:
             videos = make_bench_videos(Path(tmp), args.videos, args.seconds, args.height)
         result = run_bench(config, videos, args.workers)
     print("\n".join(result.lines()))
+    return 0
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    from curation.bench_scale import run_bench
+
+    try:
+        sizes = [int(v) for v in args.videos.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"lvd bench scale: --videos takes numbers separated by commas, got {args.videos!r}")
+    if not sizes or min(sizes) < 1:
+        raise SystemExit("lvd bench scale: --videos needs at least one positive number, e.g. 10000,100000")
+    run_bench(sizes, args.json, args.work_dir)
     return 0
 
 

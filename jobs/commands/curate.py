@@ -23,28 +23,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_recipe_args(p)
     add_ray_args(p)
     p.add_argument("--rethreshold", action="store_true",
-                   help="only re-apply the recipe's thresholds to the existing ledger in the output folder "
-                        "(decodes nothing)")
+                   help="only re-decide the existing ledger in the output folder with the recipe's thresholds "
+                        "and dedup settings (decodes nothing; rewrites decisions/ only, keeps the run's "
+                        "config.yaml and inputs, prints what changed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's own log lines (by default they go to OUTPUT/logs/ray.log)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from common.config import load_recipe
     from common.runinfo import write_run_info
     from curation.config import CurationConfig
     from curation.ledger import Ledger
-    from curation.pipeline import finalize, print_funnel, run_curation
+    from curation.pipeline import finalize, print_funnel, ray_session, run_curation
 
     config = load_recipe(CurationConfig, args.recipe, args.overrides)
-    write_run_info(config.output, config, "curate", {"address": args.address, "rethreshold": args.rethreshold})
     if args.rethreshold:
         ledger = Ledger(config.output)
-        if not ledger.finished_ids():
-            print(f"lvd curate: no ledger parts in {config.output}; run without --rethreshold first", file=sys.stderr)
+        if not ledger.has_rows():
+            print(f"lvd curate: no ledger in {config.output}; run without --rethreshold first", file=sys.stderr)
             return 2
-        summary = finalize(config, ledger, None)
+        # the run's config.yaml and run.json stay as they were: the new rules go to decisions/_summary.json
+        with ray_session(config, args.address, Path(config.output), args.verbose):
+            summary = finalize(config, ledger)
+        summary.num_done_before = summary.funnel[0]["count"]
     else:
-        summary = run_curation(config, address=args.address, progress=not args.no_progress)
+        write_run_info(config.output, config, "curate", {"address": args.address})
+        summary = run_curation(config, address=args.address, progress=not args.no_progress, verbose=args.verbose)
     print_funnel(summary)
     return 0

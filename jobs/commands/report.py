@@ -15,7 +15,9 @@ EPILOG = """examples:
   lvd report runs/cur1 --out /tmp/cur1.html --max-clips 200
 
 Open the file in any browser (file:// works; no server, no network). Thumbnails are embedded, so the
-page is one file. After `lvd curate --rethreshold`, run `lvd report` again to see the new decisions."""
+page is one file. After `lvd curate --rethreshold`, run `lvd report` again to see the new decisions.
+The run is read file by file and with DuckDB aggregates, never whole: the report of a cluster-scale
+run needs no more memory than a small one's."""
 
 
 def _count(text: str) -> int:
@@ -31,11 +33,11 @@ def _count(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write a static HTML report of a curation run (funnel, scores, clips)",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="output folder of `lvd curate` (holds ledger/clips.parquet and funnel.json)")
+    p.add_argument("run_dir", help="output folder of `lvd curate` (holds ledger/, decisions/ and funnel.json)")
     p.add_argument("--out", default=None, metavar="FILE", help=f"HTML file to write (default RUN_DIR/{REPORT_NAME})")
     p.add_argument("--max-clips", type=_count, default=DEFAULT_MAX_CLIPS, metavar="N",
                    help=f"contact sheet size: at most N kept and N not-kept clips, spread over videos and drop "
-                        f"reasons (default {DEFAULT_MAX_CLIPS})")
+                        f"reason codes (default {DEFAULT_MAX_CLIPS})")
     p.set_defaults(run=run)
 
 

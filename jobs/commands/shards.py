@@ -19,7 +19,8 @@ examples:
   lvd shards write runs/cur1 shards/cur1
   lvd shards write runs/cur1 shards/cur1-all --all-usable --set shard_max_bytes=512MiB --set workers=8
 
-One sample per kept clip: <clip_id>.mp4, .json (every ledger column), .first.jpg, .last.jpg.
+One sample per kept clip: <clip_id>.mp4, .json (every ledger and decision column), .first.jpg, .last.jpg
+(and .emb.safetensors for clips with embeddings), in the ledger's file order, video by video within a file.
 Shards are written under a temporary name and renamed when complete; re-running the same command after
 an interruption resumes and produces the same shards."""
 
@@ -45,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "of about shard_max_bytes each and writes manifest.parquet (sample -> shard, "
                                      "byte range, checksum, every score).",
                          epilog=WRITE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    w.add_argument("run_dir", help="curation output folder (holds ledger/clips.parquet and clips/)")
+    w.add_argument("run_dir", help="curation output folder (holds ledger/, decisions/ and clips/ of a decided "
+                                   "`lvd curate` run)")
     w.add_argument("out_dir", help="folder to write the shards into (empty, or the same folder to resume)")
     w.add_argument("--all-usable", action="store_true",
                    help="write every clip with status ok, not only those the thresholds kept; the manifest carries "

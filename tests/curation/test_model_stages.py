@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from common.checkpoints import MissingCheckpoint
@@ -48,7 +47,9 @@ def test_all_stages_fill_the_ledger(tmp_path, videos, tiny, local_ray):
     summary = run_curation(config, progress=False)
     assert summary.stand_ins == ["caption.image.checkpoint", "caption.video.model", "caption.summary.model",
                                  "clip.checkpoint", "clip.aesthetic_head"]
-    clips = pd.read_parquet(config.output + "/ledger/clips.parquet").set_index("clip_id")
+    from curation.ledger import Ledger
+
+    clips = Ledger(config.output).read()[1].set_index("clip_id")
     usable = clips[clips["status"] == "ok"]
     assert len(usable) == 4
     moving = usable[usable["motion_score"] >= 0.002]
@@ -91,7 +92,7 @@ def test_all_stages_fill_the_ledger(tmp_path, videos, tiny, local_ray):
     from curation.pipeline import finalize
 
     strict = config.model_copy(update={"dedup": config.dedup.model_copy(update={"near": True, "near_threshold": 0.5})})
-    again = finalize(strict, Ledger(config.output), None)
+    again = finalize(strict, Ledger(config.output))
     steps = {s["step"]: s["count"] for s in again.funnel}
     assert steps["dedup near"] == 1  # random tiny CLIP: every kept clip is within cosine 0.5 of the others
 
@@ -99,7 +100,7 @@ def test_all_stages_fill_the_ledger(tmp_path, videos, tiny, local_ray):
 def test_missing_checkpoints_stop_the_run_before_any_decode(tmp_path, videos, tiny, monkeypatch):
     import curation.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_run_ray", lambda *a, **k: pytest.fail("decoding started"))
+    monkeypatch.setattr(pipeline, "ray_session", lambda *a, **k: pytest.fail("Ray started before the checkpoints were checked"))
     config = make_config(tmp_path, [videos], text={"enabled": False},
                          clip={"checkpoint": str(tmp_path / "no_such_clip"), "aesthetic_head": None},
                          caption={**tiny["caption"], "summary": {"model": "hf-hub:nobody/no-such-lm"}})
@@ -203,7 +204,9 @@ def test_real_footage_through_every_stage_and_a_reupload_deduplicated(tmp_path, 
     config = _config(tmp_path, folder, tiny, dedup={"near": False},
                      caption={**tiny["caption"], "batch_size": 8}, clip={**tiny["clip"], "batch_size": 8})
     summary = run_curation(config, progress=False)
-    clips = pd.read_parquet(config.output + "/ledger/clips.parquet")
+    from curation.ledger import Ledger
+
+    clips = Ledger(config.output).read()[1]
     usable = clips[clips["status"] == "ok"]
     per_video = usable.groupby("source").size()
     assert len(per_video) == 2 and per_video.iloc[0] == per_video.iloc[1] >= 5

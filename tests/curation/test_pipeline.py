@@ -94,7 +94,7 @@ def test_rethreshold_changes_decisions_without_decoding(curated, monkeypatch):
 
     monkeypatch.setattr(vt, "decode_frames", lambda *a, **k: pytest.fail("re-thresholding decoded a frame"))
     looser = config.model_copy(update={"thresholds": {"motion_score": Threshold(min=0.0)}})
-    again = finalize(looser, Ledger(summary.run_dir), None)
+    again = finalize(looser, Ledger(summary.run_dir))
     _, clips2 = Ledger(summary.run_dir).read()
     usable = clips2["status"] == "ok"
     assert clips2.loc[usable, "keep"].all()
@@ -119,3 +119,25 @@ def test_real_video_bikes_clips_start_at_the_known_shots(tmp_path, local_ray):
         with av.open(clip.clip_path) as c:
             assert c.streams.video[0].codec_context.name == "h264"
             assert sum(1 for _ in c.decode(video=0)) >= 1
+
+
+def test_a_file_name_that_is_not_utf8_is_curated_and_stored_losslessly(tmp_path, local_ray):
+    import os
+    import shutil
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    made = write_video(src / "plain.mp4", moving_square(48, speed=6), FPS)
+    raw = os.fsencode(str(src)) + b"/clip-\xff\xfe.mp4"
+    shutil.copyfile(made, raw)
+    (src / "LICENSE.txt").write_text("CC-BY")
+    config = make_config(tmp_path, [src], text={"enabled": False}, dedup={"exact": False})
+    summary = run_curation(config, progress=False)
+    videos, clips = Ledger(summary.run_dir).read()
+    assert len(videos) == 2 and (videos["status"] == "ok").all() and summary.num_ignored == 1
+    odd = videos[videos["source_raw"].notna()].iloc[0]
+    assert odd["source_raw"] == raw and "\\xff\\xfe" in odd["source"]
+    assert len(clips[clips["video_id"] == odd["video_id"]]) >= 1
+    again = run_curation(config, progress=False)  # resumes: nothing left to do, nothing duplicated
+    assert again.num_processed == 0 and again.num_done_before == 2
+    assert len(Ledger(summary.run_dir).read()[0]) == 2

@@ -1,8 +1,9 @@
 """`lvd report`: the HTML page of a curation run, rendered by a real headless Chromium.
 
-The run folder is written with the real Ledger and thresholds (plus the columns of the newer stages:
-aesthetic, captions, dedup, thumbnails as real JPEGs); the page is rendered once per module and the
-rendered DOM and screenshot are checked against funnel.json and the ledger."""
+The run folder is written with the real Ledger (`write_frames`: clips files and their decisions files) and
+thresholds (plus the columns of the newer stages: aesthetic, captions, dedup, thumbnails as real JPEGs); the
+page is rendered once per module and the rendered DOM and screenshot are checked against funnel.json and the
+fabricated ledger."""
 
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from common.runinfo import write_run_info
 from curation.config import CurationConfig
-from curation.ledger import Ledger
-from curation.pipeline import reason_kind
+from curation import report as report_module
+from curation.ledger import Ledger, split_reason
 from curation.report import FUNNEL_COLOR, KEPT_COLOR, THRESHOLD_COLOR, render, load_run, select_clips, write_report
 from curation.thresholds import Threshold, apply_thresholds
 from jobs.commands import report as report_command
@@ -54,13 +56,14 @@ def _thumb_strip(seed: int) -> bytes:
     return buf.tobytes()
 
 
-def make_run(run_dir: Path) -> pd.DataFrame:
-    """Three decoded videos (12 clips each) and one that failed; every kind of reason appears."""
+def fabricate(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """Three decoded videos (12 clips each) and one that failed; every kind of reason appears. Writes the
+    thumbnails; returns (videos, clips with their decisions, funnel)."""
     rng = np.random.default_rng(0)
     (run_dir / "thumbs").mkdir(parents=True)
     sources = ["/videos/a.mp4", "/videos/b.mp4", EVIL_SOURCE, "/videos/broken.mp4"]
     videos = pd.DataFrame({
-        "video_id": [f"v{i}" for i in range(4)], "source": sources,
+        "video_id": [f"{i:08x}" for i in range(4)], "source": sources,  # hex, as the ledger's hashes
         "status": ["ok", "ok", "ok", "failed"], "reason": [None, None, None, "decode_error: moov atom not found"],
         "fps": [24.0] * 4, "num_clips": [12, 12, 12, 0],
     })
@@ -68,7 +71,7 @@ def make_run(run_dir: Path) -> pd.DataFrame:
     for v in range(3):
         for i in range(12):
             n = len(rows)
-            clip_id = f"v{v}-{i:03d}"
+            clip_id = f"{v:08x}-{i:03d}"
             status, reason = "ok", None
             if n in (5, 17):
                 status, reason = "dropped", "too_short: 0.8 s < clip_min_s 1"
@@ -76,7 +79,7 @@ def make_run(run_dir: Path) -> pd.DataFrame:
                 status, reason = "failed", "text_area: ocr crashed"
             ok = status == "ok"
             rows.append({
-                "clip_id": clip_id, "video_id": f"v{v}", "source": sources[v], "clip_index": i,
+                "clip_id": clip_id, "video_id": f"{v:08x}", "source": sources[v], "clip_index": i,
                 "start_s": 2.0 * i, "end_s": 2.0 * i + 1.5, "duration_s": 1.5, "fps": 24.0,
                 "width": 256, "height": 144, "num_frames": 36, "status": status, "reason": reason,
                 "motion_score": float(rng.uniform(0, 0.05)) if status != "dropped" else np.nan,
@@ -97,20 +100,29 @@ def make_run(run_dir: Path) -> pd.DataFrame:
     (run_dir.parent / "outside.jpg").write_bytes(_thumb_strip(99))
     for r in rows:
         p = r["thumb_path"]
-        if p and p.startswith("thumbs/v"):
+        if p and p.startswith("thumbs/0"):
             (run_dir / p).write_bytes(_thumb_strip(int(r["content_hash"], 16)))
     clips = pd.DataFrame(rows)
+    clips["reason_code"], clips["reason_detail"] = zip(*(split_reason(r["reason"]) for r in rows))
     thresholds = {k: Threshold(**v) for k, v in THRESHOLDS.items()}
     clips, steps = apply_thresholds(clips, thresholds)
     # dedup, as the lead's stage does: the later of two near-duplicates is dropped
     kept = clips.index[clips["keep"]]
     for dup, orig in ((kept[-1], kept[0]), (kept[-2], kept[1])):
-        clips.loc[dup, ["keep", "decision", "dup_of", "dup_similarity"]] = [
-            False, f"dedup: near-duplicate of {clips.loc[orig, 'clip_id']} (0.97)", clips.loc[orig, "clip_id"], 0.97]
+        text = f"duplicate: near {clips.loc[orig, 'clip_id']} cosine 0.970"
+        clips.loc[dup, ["keep", "decision", "reason_code", "reason_detail", "dup_of", "dup_similarity"]] = [
+            False, text, "duplicate_near", text, clips.loc[orig, "clip_id"], 0.97]
+    clips["keep"] = clips["keep"].astype(bool)
     funnel = [{"step": "input videos", "count": len(videos)}, {"step": "videos decoded", "count": 3},
               {"step": "clips", "count": len(clips)}, *({"step": s.name, "count": s.count} for s in steps),
               {"step": "dedup", "count": int(clips["keep"].sum())}]
-    Ledger(run_dir).write(videos, clips, funnel)
+    return videos, clips, funnel
+
+
+def make_run(run_dir: Path) -> pd.DataFrame:
+    """The fabricated run written as a decided run folder (ledger, decisions, funnel, config, run.json)."""
+    videos, clips, funnel = fabricate(run_dir)
+    Ledger(run_dir).write_frames(videos, clips, funnel)
     write_run_info(run_dir, CurationConfig(output=str(run_dir), thresholds=THRESHOLDS), "curate")
     return clips
 
@@ -292,7 +304,7 @@ def test_thumbnails_are_embedded_and_missing_ones_are_placeholders(rendered):
     dom, clips, run_dir = rendered["dom"], rendered["clips"], rendered["run_dir"]
     cards = dom.find_all(cls="clip-card")
     assert len(cards) == len(clips)  # 36 clips: below the default 60 per side, all shown
-    on_disk = clips["thumb_path"].map(lambda p: isinstance(p, str) and p.startswith("thumbs/v"))
+    on_disk = clips["thumb_path"].map(lambda p: isinstance(p, str) and p.startswith("thumbs/0"))
     imgs = dom.find_all("img")
     assert len(imgs) == len(dom.find_all("img", cls="thumb")) == int(on_disk.sum()) == 32
     assert len(dom.find_all(cls="thumb placeholder")) == len(clips) - int(on_disk.sum()) == 4
@@ -333,16 +345,17 @@ def test_untrusted_text_shows_as_text(rendered):
         assert card.find_all(cls="decision")[0].text() == row.decision
 
 
-def test_contact_sheet_groups_kept_first_then_by_reason(rendered):
+def test_contact_sheet_groups_kept_first_then_by_reason_code(rendered):
     dom, clips = rendered["dom"], rendered["clips"]
     groups = dom.find_all(cls="clip-group")
     assert groups[0].attrs["data-group"] == "kept"
-    kinds = clips.loc[~clips["keep"], "decision"].map(reason_kind).value_counts()
-    assert [g.attrs["data-group"] for g in groups[1:]] == sorted(kinds.index, key=lambda k: (-kinds[k], k))
-    assert {"dedup", "dropped: too_short", "failed: text_area", "aesthetic: missing score"} <= set(kinds.index)
+    codes = clips.loc[~clips["keep"], "reason_code"].value_counts()
+    assert [g.attrs["data-group"] for g in groups[1:]] == sorted(codes.index, key=lambda k: (-codes[k], k))
+    assert {"duplicate_near", "too_short", "text_area", "aesthetic_missing", "motion_score_below_min",
+            "aesthetic_below_bottom_pct", "caption_similarity_above_top_pct"} <= set(codes.index)
     for g in groups[1:]:
         ids = {c.attrs["data-clip-id"] for c in g.find_all(cls="clip-card")}
-        want = clips.loc[~clips["keep"] & (clips["decision"].map(reason_kind) == g.attrs["data-group"]), "clip_id"]
+        want = clips.loc[~clips["keep"] & (clips["reason_code"] == g.attrs["data-group"]), "clip_id"]
         assert ids == set(want) and int(g.attrs["data-total"]) == len(want)
     kept_ids = [c.attrs["data-clip-id"] for c in groups[0].find_all(cls="clip-card")]
     assert kept_ids == clips.loc[clips["keep"], "clip_id"].tolist()
@@ -366,11 +379,17 @@ def test_config_and_run_info_are_on_the_page(rendered):
 def test_max_clips_spreads_over_videos_and_reasons_deterministically(tmp_path):
     run_dir = tmp_path / "run"
     clips = make_run(run_dir)
-    run = load_run(run_dir)
-    groups = select_clips(run.clips, 4)
+    ledger = Ledger(run_dir)
+    groups = select_clips(ledger, 4, ["aesthetic"])
     kept, dropped = groups[0], groups[1:]
     assert len(kept.shown) == 4 < kept.total == int(clips["keep"].sum())
-    assert kept.shown["video_id"].nunique() == 3  # evenly spaced, not the first four of one video
+    assert len({c["video_id"] for c in kept.shown}) == 3  # evenly spaced, not the first four of one video
+    # the picks are ranks floor(i * n / 4) of the kept clips in clip id order, each with its whole row
+    kept_rows = clips[clips["keep"]].sort_values("clip_id")
+    want = kept_rows.iloc[[i * len(kept_rows) // 4 for i in range(4)]]
+    assert [c["clip_id"] for c in kept.shown] == want["clip_id"].tolist()
+    assert [c["thumb_path"] for c in kept.shown] == want["thumb_path"].tolist()
+    assert [c["aesthetic"] for c in kept.shown] == pytest.approx(want["aesthetic"].tolist())
     assert sum(len(g.shown) for g in dropped) == 4
     # more kinds than slots: the largest kinds get one each
     assert [len(g.shown) for g in dropped][:4] == [1, 1, 1, 1]
@@ -378,13 +397,16 @@ def test_max_clips_spreads_over_videos_and_reasons_deterministically(tmp_path):
     sizes = [g.total for g in dropped]
     assert sizes == sorted(sizes, reverse=True)
     # more slots than kinds: every kind shows clips, the larger ones more, none more than it has
-    wide = select_clips(run.clips, 12)[1:]
+    wide = select_clips(ledger, 12)[1:]
     shown = [len(g.shown) for g in wide]
     assert sum(shown) == 12 and min(shown) >= 1 and shown == sorted(shown, reverse=True)
     assert all(len(g.shown) <= g.total for g in wide) and any(g.total == 1 for g in wide)
-    assert [len(g.shown) for g in select_clips(run.clips, 100)[1:]] == sizes
-    assert render(run, 4) == render(load_run(run_dir), 4)
-    page = parse(render(run, 4))
+    assert [len(g.shown) for g in select_clips(ledger, 100)[1:]] == sizes
+    for g in dropped:
+        assert all(c["reason_code"] == g.key and not c["keep"] for c in g.shown)
+    run = load_run(run_dir, 4)
+    assert render(run) == render(load_run(run_dir, 4))
+    page = parse(render(run))
     assert len(page.find_all(cls="clip-card")) == 8
     assert page.find_all(cls="clip-group", data_group="kept")[0].attrs["data-shown"] == "4"
 
@@ -392,24 +414,137 @@ def test_max_clips_spreads_over_videos_and_reasons_deterministically(tmp_path):
 def test_older_and_empty_runs_still_get_a_page(tmp_path):
     # a ledger from before thumbnails: every card has a placeholder and the page says how to get them
     run_dir = tmp_path / "old"
-    clips = make_run(run_dir).drop(columns=["thumb_path", "captions", "dup_of", "dup_similarity"])
-    videos = pd.read_parquet(run_dir / "ledger" / "videos.parquet")
-    Ledger(run_dir).write(videos, clips, load_run(run_dir).funnel)
+    videos, clips, funnel = fabricate(tmp_path / "src")
+    clips = clips.drop(columns=["thumb_path", "captions", "dup_of", "dup_similarity"])
+    Ledger(run_dir).write_frames(videos, clips, funnel)
     page = parse(write_report(run_dir).read_text())
     assert len(page.find_all(cls="thumb placeholder")) == len(page.find_all(cls="clip-card")) == len(clips)
     assert not page.find_all("img") and "predates" in page.text()
     assert not page.find_all(cls="caption") and not page.find_all("figure", data_column="dup_similarity")
     # a run whose every video failed: no clips, still a page with the funnel and the failures
     empty = tmp_path / "empty"
-    Ledger(empty).write(pd.DataFrame({"video_id": ["v0"], "source": ["/x.mp4"], "status": ["failed"],
-                                      "reason": ["probe_error: not a video"]}),
-                        pd.DataFrame({c: pd.Series(dtype=t) for c, t in (("clip_id", str), ("status", str),
-                                      ("keep", bool), ("decision", str), ("motion_score", float))}),
-                        [{"step": "input videos", "count": 1}, {"step": "videos decoded", "count": 0},
-                         {"step": "clips", "count": 0}])
+    Ledger(empty).write_frames(pd.DataFrame({"video_id": ["00000000"], "source": ["/x.mp4"], "status": ["failed"],
+                                             "reason": ["probe_error: not a video"]}),
+                               pd.DataFrame({c: pd.Series(dtype=t) for c, t in (
+                                   ("clip_id", str), ("video_id", str), ("status", str), ("keep", bool),
+                                   ("decision", str), ("reason_code", str), ("motion_score", float))}),
+                               [{"step": "input videos", "count": 1}, {"step": "videos decoded", "count": 0},
+                                {"step": "clips", "count": 0}])
     page = parse(write_report(empty).read_text())
     assert [n.text() for n in page.find_all(cls="funnel-count")] == ["1", "0", "0"]
     assert "probe_error: not a video" in page.text() and not page.find_all(cls="clip-card")
+
+
+def test_thresholds_come_from_the_last_decision_pass_when_it_recorded_them(tmp_path):
+    # --rethreshold rewrote decisions/_summary.json; config.yaml still holds the first recipe's rules
+    run_dir = tmp_path / "run"
+    make_run(run_dir)
+    summary = {"thresholds": {"aesthetic": {"drop_bottom_pct": 30}, "text_area": {"max": 0.05}},
+               "bounds": {"aesthetic": [{"label": "bottom 30%", "kind": "drop_bottom_pct", "value": 4.25,
+                                         "lower": True}],
+                          "text_area": [{"label": "max", "kind": "max", "value": 0.05, "lower": False}]}}
+    (run_dir / "decisions" / "_summary.json").write_text(json.dumps(summary))
+    page = parse(write_report(run_dir).read_text())
+    lines = {(n.attrs["data-column"], n.attrs["data-kind"]): float(n.attrs["data-value"])
+             for n in page.find_all("line", cls="threshold")}
+    assert lines == {("aesthetic", "drop_bottom_pct"): 4.25, ("text_area", "max"): 0.05}
+    rule = page.find_all("figure", data_column="aesthetic")[0].find_all(cls="rule")[0].text()
+    assert rule == "bottom 30% 4.25"
+
+
+def _many_files_run(run_dir: Path, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """12 writes of 16 videos x 20 clips, 4 buckets each: 48 clips files of 80 rows. Some videos failed;
+    motion decides (min 0.01), aesthetic is missing on a tenth of the clips."""
+    all_videos, all_clips = [], []
+    for chunk in range(12):
+        ids = [f"{chunk * 16 + j:08x}" for j in range(16)]
+        failed = [j % 7 == 3 for j in range(16)]
+        videos = pd.DataFrame({"video_id": ids, "source": [f"/v/{i}.mp4" for i in ids],
+                               "status": ["failed" if f else "ok" for f in failed],
+                               "reason": ["decode_error: moov atom not found" if f else None for f in failed]})
+        rows = []
+        for vid, f in zip(ids, failed):
+            for i in range(0 if f else 20):
+                status = "dropped" if i == 19 else "ok"
+                rows.append({"clip_id": f"{vid}-{i:04d}", "video_id": vid, "clip_index": i, "status": status,
+                             "reason": "too_short: 0.5 s" if status != "ok" else None, "duration_s": 2.0,
+                             "motion_score": float(rng.uniform(0, 0.05)),
+                             "aesthetic": float(rng.normal(5, 1)) if rng.random() > 0.1 else np.nan})
+        clips = pd.DataFrame(rows)
+        usable = clips["status"] == "ok"
+        passed = clips["motion_score"] >= 0.01
+        clips["keep"] = usable & passed
+        clips["pass_motion_score"] = passed
+        clips["decision"] = np.where(~usable, "dropped: too_short: 0.5 s",
+                                     np.where(passed, "", "motion_score < min 0.01"))
+        clips["reason_code"] = np.where(~usable, "too_short", np.where(passed, None, "motion_score_below_min"))
+        Ledger(run_dir).write_frames(videos, clips)
+        all_videos.append(videos)
+        all_clips.append(clips)
+    summary = {"thresholds": {"motion_score": {"min": 0.01}},
+               "bounds": {"motion_score": [{"label": "min", "kind": "min", "value": 0.01, "lower": True}]}}
+    (run_dir / "decisions" / "_summary.json").write_text(json.dumps(summary))
+    return pd.concat(all_videos, ignore_index=True), pd.concat(all_clips, ignore_index=True)
+
+
+def test_report_of_many_files_reads_one_file_at_a_time_and_sums_exact_histograms(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    videos, clips = _many_files_run(run_dir, np.random.default_rng(3))
+    files = Ledger(run_dir).clip_files()
+    largest = max(len(pd.read_parquet(f, columns=["clip_id"])) for f in files)
+    assert len(files) == 48 and largest * 10 < len(clips)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report loaded the ledger into pandas")
+
+    monkeypatch.setattr(Ledger, "read", refuse)
+    monkeypatch.setattr(pd, "read_parquet", refuse)
+    monkeypatch.setattr(report_module, "MAX_FAILED_VIDEOS", 5)
+    read_sizes = []
+    real_read_table, real_read_row_group = report_module.pq.read_table, report_module.pq.ParquetFile.read_row_group
+
+    def read_table(*args, **kwargs):
+        table = real_read_table(*args, **kwargs)
+        read_sizes.append(table.num_rows)
+        return table
+
+    def read_row_group(self, *args, **kwargs):
+        table = real_read_row_group(self, *args, **kwargs)
+        read_sizes.append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(report_module.pq, "read_table", read_table)
+    monkeypatch.setattr(report_module.pq.ParquetFile, "read_row_group", read_row_group)
+    run = load_run(run_dir, max_clips=10)
+    # every read holds one file's rows at most; both passes go over every clips file and its decisions
+    assert read_sizes and max(read_sizes) <= largest
+    assert len(read_sizes) >= 4 * len(files)
+    keep = clips["keep"].to_numpy()
+    assert run.stats == {"videos": len(videos), "clips": len(clips), "usable": int((clips["status"] == "ok").sum()),
+                         "kept": int(keep.sum()), "kept_seconds": pytest.approx(2.0 * keep.sum())}
+    assert run.score_columns == ["motion_score", "aesthetic"]
+    for h in run.histograms:
+        values = clips[h.column].to_numpy(dtype=float)
+        finite = np.isfinite(values)
+        assert (h.num_scored, h.num_missing) == (finite.sum(), (~finite).sum())
+        # the edges a whole-run numpy histogram would use (the min threshold is inside the data's range)
+        np.testing.assert_array_equal(h.edges, np.linspace(values[finite].min(), values[finite].max(), 41))
+        np.testing.assert_array_equal(h.kept, np.histogram(values[finite & keep], h.edges)[0])
+        np.testing.assert_array_equal(h.dropped, np.histogram(values[finite & ~keep], h.edges)[0])
+    assert run.histograms[0].lines == [report_module.Line("min", "min", 0.01)]
+    # the contact sheet: a sample, by reason code; the failed videos: a count and the first few
+    codes = clips["reason_code"].value_counts()
+    assert codes["motion_score_below_min"] > codes["too_short"]
+    assert [(g.key, g.total, len(g.shown)) for g in run.groups] == [
+        ("kept", int(keep.sum()), 10), ("motion_score_below_min", codes["motion_score_below_min"], 5),
+        ("too_short", codes["too_short"], 5)]
+    bad = videos[videos["status"] != "ok"].sort_values("source")
+    assert run.num_failed_videos == len(bad) > 5
+    assert [v["source"] for v in run.failed_videos] == bad["source"].head(5).tolist()
+    page = parse(render(run))
+    assert f"and {len(bad) - 5} more" in page.text()
+    fig = page.find_all("figure", data_column="motion_score")[0]
+    assert sum(int(r.attrs["data-count"]) for r in fig.find_all("rect", cls="bar kept")) == int(keep.sum())
 
 
 def _cli(argv: list[str]) -> int:
@@ -437,10 +572,34 @@ def test_cli_without_a_ledger_names_the_fix(tmp_path, capsys):
     assert _cli(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no ledger" in err and "lvd curate" in err and str(tmp_path) in err
-    (tmp_path / "ledger" / "parts").mkdir(parents=True)
+    assert _cli(["report", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    # started, but killed before any video was committed
+    Ledger(tmp_path).num_buckets(4)
     assert _cli(["report", str(tmp_path)]) == 2
     assert "interrupted" in capsys.readouterr().err
+    # killed after the ledger was written, before the decisions
+    videos, clips, funnel = fabricate(tmp_path / "src")
+    Ledger(tmp_path).write_frames(videos, clips.drop(columns=["keep"]), funnel)
+    assert _cli(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "interrupted before deciding" in err and "lvd curate" in err and "--rethreshold" in err
     assert not (tmp_path / "report.html").exists()
+    # a resumed run killed between committing more videos and deciding them: some files undecided
+    decided = tmp_path / "decided"
+    make_run(decided)
+    Ledger(decided).write_frames(videos.assign(video_id=videos["video_id"] + "x"),
+                                 clips.drop(columns=["keep"]).assign(video_id=clips["video_id"] + "x"))
+    assert _cli(["report", str(decided)]) == 2
+    assert "clips files without decisions" in capsys.readouterr().err
+    # a decisions file that does not line up with its clips file
+    misaligned = tmp_path / "misaligned"
+    make_run(misaligned)
+    first = Ledger(misaligned).decision_file(Ledger(misaligned).clip_files()[0])
+    pq.write_table(pq.read_table(first).slice(1), first)
+    assert _cli(["report", str(misaligned)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "--rethreshold" in err
 
 
 def test_report_of_a_real_pipeline_run(tmp_path, local_ray):

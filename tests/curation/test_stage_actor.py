@@ -2,71 +2,92 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from common.config import ConfigError
+from curation.ledger import pipeline_row, rows_table
 from curation.ray_steps import StageActor
 from curation.stage import ClipBatch, Stage, StageConfig, StageResult
 from curation.video_task import encode_jpeg
 
 
 class RecordingStage(Stage):
-    """Scores a clip with its mean pixel and echoes what it saw in its context."""
+    """Scores a clip with its mean pixel and echoes the caption an earlier stage wrote into its context."""
 
     name = "recording"
-    columns = ("mean_pixel", "seen_caption")
+    columns = ("aesthetic", "clip_model")
     setups = 0
 
     def setup(self) -> None:
         RecordingStage.setups += 1
 
     def __call__(self, batch: ClipBatch) -> StageResult:
-        return StageResult({"mean_pixel": [float(f.mean()) for f in batch.key_frames],
-                            "seen_caption": [c.get("caption") for c in batch.context]})
+        return StageResult({"aesthetic": [float(f.mean()) for f in batch.key_frames],
+                            "clip_model": [c["captions"][0]["text"] if c.get("captions") else None
+                                           for c in batch.context]})
 
 
 class VideoStage(RecordingStage):
     """Reads the evenly spaced clip frames too."""
 
-    name = "recording"
-    columns = ("mean_pixel", "seen_caption", "num_clip_frames")
+    columns = ("aesthetic", "clip_model", "motion_pairs")
     uses_clip_frames = True
 
     def __call__(self, batch: ClipBatch) -> StageResult:
         res = super().__call__(batch)
         frames = batch.clip_frames or [None] * len(batch)
-        res.scores["num_clip_frames"] = [None if f is None else len(f) for f in frames]
+        res.scores["motion_pairs"] = [None if f is None else len(f) for f in frames]
         return res
 
 
-def _table(motion: list[float | None]) -> pa.Table:
+class StrayColumnStage(RecordingStage):
+    columns = ("sharpness",)
+
+
+def _table(motion: list[float | None], videos: int = 1) -> pa.Table:
+    """`videos` video rows, each with one clip per motion value, plus an unusable clip."""
     rows = []
-    for i, m in enumerate(motion):
-        frames = [encode_jpeg(np.full((16, 16, 3), 40 * i, np.uint8))] * 3
-        rows.append({"row_type": "clip", "video_id": "v", "clip_id": f"c{i}", "status": "ok",
-                     "record": json.dumps({"clip_id": f"c{i}", "motion_score": m}), "key_frames": frames,
-                     "stage_earlier": json.dumps({"caption": f"caption {i}"})})
-    for row in rows:
-        row["clip_frames"] = [encode_jpeg(np.full((8, 8, 3), 10 * k, np.uint8)) for k in range(5)]
-    rows.append({"row_type": "video", "video_id": "v", "clip_id": "", "status": "ok", "record": "{}",
-                 "key_frames": [], "clip_frames": [], "stage_earlier": ""})
-    return pa.Table.from_pylist(rows)
+    for v in range(videos):
+        clips, keys, spread = [], [], []
+        for i, m in enumerate(motion):
+            clips.append({"clip_id": f"v{v}-c{i}", "video_id": f"v{v}", "status": "ok", "motion_score": m,
+                          "captions": [{"text": f"caption {i}", "weight": 1.0, "source": "image"}]})
+            keys.append([encode_jpeg(np.full((16, 16, 3), 40 * i, np.uint8))] * 3)
+            spread.append([encode_jpeg(np.full((8, 8, 3), 10 * k, np.uint8)) for k in range(5)])
+        clips.append({"clip_id": f"v{v}-bad", "video_id": f"v{v}", "status": "dropped", "reason": "too_short: 1 s"})
+        keys.append([])
+        spread.append([])
+        rows.append(pipeline_row({"video_id": f"v{v}", "source": f"/x/{v}.mp4", "status": "ok"}, clips, keys, spread))
+    return rows_table(rows)
 
 
 def _results(table: pa.Table) -> list[dict]:
-    return [json.loads(v) if v else None for v in table.column("stage_recording").to_pylist()]
+    return [c for clips in table.column("clips").to_pylist() for c in clips]
 
 
-def test_context_carries_the_record_and_earlier_stages():
+def test_context_carries_the_clip_row_and_earlier_stages():
     actor = StageActor(f"{__name__}.RecordingStage", {})
     out = _results(actor(_table([0.1, 0.2])))
-    assert [r["seen_caption"] for r in out[:2]] == ["caption 0", "caption 1"]
-    assert out[0]["mean_pixel"] < out[1]["mean_pixel"]
-    assert out[2] is None  # the video row is passed on unscored
+    assert [r["clip_model"] for r in out[:2]] == ["caption 0", "caption 1"]
+    assert out[0]["aesthetic"] < out[1]["aesthetic"]
+    assert out[2]["aesthetic"] is None and out[2]["reason_code"] == "too_short"  # passed on unscored
+
+
+def test_clips_of_many_videos_are_scored_in_stage_sized_calls():
+    calls = []
+
+    class Counting(RecordingStage):
+        def __call__(self, batch):
+            calls.append(len(batch))
+            return super().__call__(batch)
+
+    actor = StageActor.__new__(StageActor)
+    actor.stage = Counting(Counting.Config(batch_size=4))
+    out = _results(actor(_table([0.1, 0.2, 0.3], videos=3)))
+    assert calls == [4, 4, 1]
+    assert [r["aesthetic"] is not None for r in out] == [True, True, True, False] * 3
 
 
 def test_weights_load_once_per_actor():
@@ -79,16 +100,21 @@ def test_weights_load_once_per_actor():
 
 def test_clip_frames_reach_only_the_stages_that_read_them():
     out = _results(StageActor(f"{__name__}.VideoStage", {})(_table([0.1, 0.2])))
-    assert [r["num_clip_frames"] for r in out[:2]] == [5, 5]
+    assert [r["motion_pairs"] for r in out[:2]] == [5, 5]
     plain = StageActor(f"{__name__}.RecordingStage", {})
-    assert "num_clip_frames" not in _results(plain(_table([0.1])))[0]
+    assert _results(plain(_table([0.1])))[0]["motion_pairs"] is None
 
 
 def test_only_if_skips_clips_that_fail_fixed_bounds():
     actor = StageActor(f"{__name__}.RecordingStage", {"only_if": {"motion_score": {"min": 0.15}}})
     out = _results(actor(_table([0.1, 0.2, None, 0.3])))
-    assert out[0] is None and out[2] is None  # below the bound, and no score at all
-    assert out[1]["seen_caption"] == "caption 1" and out[3]["seen_caption"] == "caption 3"
+    assert out[0]["clip_model"] is None and out[2]["clip_model"] is None  # below the bound, and no score at all
+    assert out[1]["clip_model"] == "caption 1" and out[3]["clip_model"] == "caption 3"
+
+
+def test_a_stage_writing_a_column_the_ledger_lacks_is_refused():
+    with pytest.raises(TypeError, match=r"\['sharpness'\]; add them to ledger.CLIP_SCHEMA"):
+        StageActor(f"{__name__}.StrayColumnStage", {})
 
 
 def test_only_if_refuses_percentiles():

@@ -7,10 +7,12 @@ import json
 import shutil
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from curation.ledger import Ledger
 from jobs.cli import main
 from shards.config import ShardWriteConfig
 from shards.loader import ShardLoader
@@ -41,8 +43,8 @@ def emb_shards(emb_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ledger_embeddings(emb_run) -> dict[str, np.ndarray | None]:
-    """{clip_id: K x D float32 or None}, as the ledger holds them (read back with pandas, as the writer does)."""
-    ledger = pd.read_parquet(emb_run / "ledger" / "clips.parquet")
+    """{clip_id: K x D float32 or None} of the kept clips, as the ledger holds them."""
+    ledger = Ledger(emb_run).read()[1]
     return {row["clip_id"]: (np.stack(row["clip_embedding"]) if row["clip_embedding"] is not None else None)
             for row in ledger.to_dict("records") if row["keep"]}
 
@@ -92,12 +94,16 @@ def test_embedded_shards_are_deterministic(emb_run, emb_shards, tmp_path):
 
 def test_bad_embedding_cell_skips_the_clip_with_a_reason(tmp_path):
     run = tmp_path / "run"
-    fake_run(run, num_clips=3, dropped_every=0, failed=0, embedding_dim=4, unembedded_every=0)
-    ledger = pd.read_parquet(run / "ledger" / "clips.parquet")
-    ledger.at[1, "clip_embedding"] = [[0.1, 0.2, 0.3, 0.4], [0.5]]  # ragged: not K x D
-    ledger.to_parquet(run / "ledger" / "clips.parquet", index=False)
+    clips = fake_run(run, num_clips=3, dropped_every=0, failed=0, embedding_dim=4, unembedded_every=0)
+    [path] = Ledger(run).clip_files()  # the 3 clips of one video: one file
+    table = pq.read_table(path)
+    victim = clips.loc[1, "clip_id"]
+    embeddings = table.column("clip_embedding").to_pylist()
+    embeddings[table.column("clip_id").to_pylist().index(victim)] = [[0.1, 0.2, 0.3, 0.4], [0.5]]  # ragged: not K x D
+    i = table.schema.get_field_index("clip_embedding")
+    pq.write_table(table.set_column(i, "clip_embedding", pa.array(embeddings, table.schema.field(i).type)), path)
     summary = write_shards(run, tmp_path / "out")
-    assert summary.num_samples == 2 and [s.key for s in summary.skipped] == [ledger.at[1, "clip_id"]]
+    assert summary.num_samples == 2 and [s.key for s in summary.skipped] == [victim]
     assert summary.skipped[0].reason.startswith("embedding: clip_embedding is not a K x D array")
 
 

@@ -13,15 +13,10 @@ import torch
 
 from shards.loader import ShardLoader
 from shards.manifest import Manifest
-from shards.testing import clip_level, frame_level
+from shards.testing import clip_level, clip_number, frame_level
 from tests.shards.conftest import NUM_FRAMES, loader_config
 
 QUERY = "motion_score < 0.45"
-
-
-def _clip_number(key: str) -> int:
-    video, index = key.split("-")
-    return 3 * int(video[1:]) + int(index)
 
 
 def _rank_loaders(config, world_size, state=None):
@@ -129,7 +124,7 @@ def test_decoded_frames_are_the_right_frames_at_the_target_rate_and_bucket(shard
         frames = batch["frames_BTCHW"]
         assert frames.dtype == torch.uint8 and frames.shape[:3] == (len(batch["key"]), 4, 3)
         for key, clip, meta in zip(batch["key"], frames, batch["meta"]):
-            c = _clip_number(key)
+            c = clip_number(key)
             landscape = meta["width"] > meta["height"]
             assert tuple(clip.shape[-2:]) == ((32, 48) if landscape else (48, 32))
             red = clip[:, 0].float().mean(dim=(1, 2))
@@ -141,7 +136,7 @@ def test_decoded_frames_are_the_right_frames_at_the_target_rate_and_bucket(shard
         assert batch["fps_B"].tolist() == [4.0] * len(batch["key"]) and not batch["is_image_B"].any()
         assert set(batch["scores"]) >= {"motion_score", "aesthetic"}
         for key, caption in zip(batch["key"], batch["caption"]):
-            assert caption in {f"clip {_clip_number(key)} caption a", f"clip {_clip_number(key)} caption b"}
+            assert caption in {f"clip {clip_number(key)} caption a", f"clip {clip_number(key)} caption b"}
     assert seen == 12
 
 
@@ -175,7 +170,7 @@ def test_image_batches_mix_in_at_the_ratio_from_the_stored_frames(shards_dir):
             red = float(frame[0, 0].float().mean())
             level = min((frame_level(0), frame_level(NUM_FRAMES - 1)), key=lambda v: abs(v - red))
             assert abs(red - level) < 4
-            assert abs(float(frame[0, 1].float().mean()) - clip_level(_clip_number(key))) < 4
+            assert abs(float(frame[0, 1].float().mean()) - clip_level(clip_number(key))) < 4
             levels.add(level)
     assert len(levels) == 2, "both first and last frames are used"
     only_images = list(ShardLoader(loader_config(shards_dir, image_ratio=1.0, image_batch_size=4, epochs=1)))

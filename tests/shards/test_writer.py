@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from curation.ledger import Ledger
 from shards.config import ShardWriteConfig
 from shards.manifest import Manifest
 from shards.reader import SampleReader
@@ -24,7 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _ledger(run: Path) -> pd.DataFrame:
-    return pd.read_parquet(run / "ledger" / "clips.parquet")
+    """The fake run's clips with their decisions, in the order fake_run made them (clip c is row c)."""
+    return Ledger(run).read()[1]
 
 
 def _level(jpg: bytes) -> tuple[float, float]:
@@ -85,6 +90,10 @@ def test_all_usable_carries_keep_and_loaders_must_say_which(fake_run_dir, tmp_pa
     ledger = _ledger(fake_run_dir)
     assert sorted(manifest.samples["key"]) == sorted(ledger.loc[ledger["status"] == "ok", "clip_id"])
     assert manifest.samples["keep"].sum() == ledger["keep"].sum() < len(manifest.samples)
+    # the decisions come along: why a usable clip was dropped, as its stable code
+    dropped = manifest.samples[~manifest.samples["keep"]]
+    assert set(dropped["reason_code"]) == {"motion_score_below_min"}
+    assert manifest.samples.loc[manifest.samples["keep"], "reason_code"].isna().all()
     with pytest.raises(ValueError, match="query=keep"):
         ShardLoader(loader_config(out))
     kept = ShardLoader(loader_config(out, query="keep"))
@@ -111,9 +120,75 @@ def test_missing_clip_file_is_skipped_with_a_reason(tmp_path):
     assert info["skipped"][0]["reason"].startswith("clip_file")
 
 
+def test_writer_streams_the_ledger_file_by_file_and_reads_heavy_columns_once(fake_run_dir, tmp_path, monkeypatch):
+    """The first pass reads ids only; the second reads a file's every column once the previous file's clips are
+    all packed (so memory is one file's clips), and samples go in the ledger's file order."""
+    from curation import ledger as ledger_module
+    from shards import source, writer
+
+    reads, added = [], [0]
+    real_read, real_add = ledger_module.read_clip_file, writer.ShardWriter.add
+
+    def spy_read(path, decisions_path, columns=None, kept_only=False):
+        reads.append((path, columns, added[0]))
+        return real_read(path, decisions_path, columns, kept_only)
+
+    def spy_add(self, sample):
+        real_add(self, sample)
+        added[0] += 1
+
+    monkeypatch.setattr(source, "read_clip_file", spy_read)
+    monkeypatch.setattr(writer.ShardWriter, "add", spy_add)
+    write_shards(fake_run_dir, tmp_path / "out", ShardWriteConfig(shard_max_bytes=SHARD_BYTES))
+
+    files = Ledger(fake_run_dir).clip_files()
+    assert len(files) > 2, "the fake run spreads over several buckets"
+    light = [r for r in reads if r[1] is not None]
+    heavy = [r for r in reads if r[1] is None]
+    assert [r[0] for r in light] == files and all(set(r[1]) <= {"clip_id", "status"} for r in light)
+    assert [r[0] for r in heavy] == files, "every column of each file is read exactly once"
+    kept = [real_read(f, Ledger(fake_run_dir).decision_file(f), ["clip_id"], True).column("clip_id").to_pylist()
+            for f in files]
+    assert [r[2] for r in heavy] == np.cumsum([0, *map(len, kept[:-1])]).tolist()
+    assert Manifest.load(str(tmp_path / "out")).samples["key"].tolist() == [k for ids in kept for k in sorted(ids)]
+
+
+def test_a_run_without_ledger_or_decisions_names_the_command_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no ledger in .*run `lvd curate"):
+        write_shards(tmp_path / "nothing", tmp_path / "out")
+    run = tmp_path / "run"
+    fake_run(run, num_clips=3, failed=0)
+    shutil.rmtree(run / "decisions")
+    for selection in ("keep", "all_usable"):
+        with pytest.raises(FileNotFoundError, match=r"the run was not decided .*re-run the same `lvd curate` command, "
+                                                    r"or `lvd curate RECIPE --rethreshold`"):
+            write_shards(run, tmp_path / selection, ShardWriteConfig(selection=selection))
+
+
+def test_rethresholded_run_is_read_from_its_decisions(tmp_path):
+    """A decision pass rewrites decisions/ only: the next write follows it, and a folder holding a sample it
+    no longer keeps is refused."""
+    run = tmp_path / "run"
+    clips = fake_run(run, num_clips=3, dropped_every=0, failed=0)
+    write_shards(run, tmp_path / "before")
+    [path] = Ledger(run).clip_files()
+    decisions_path = Ledger(run).decision_file(path)
+    decisions = pq.read_table(decisions_path)
+    victim = clips.loc[1, "clip_id"]
+    keep = [cid != victim for cid in decisions.column("clip_id").to_pylist()]
+    decisions = decisions.set_column(decisions.schema.get_field_index("keep"), "keep", pa.array(keep))
+    pq.write_table(decisions, decisions_path)
+    with pytest.raises(ValueError, match="no longer selects"):
+        write_shards(run, tmp_path / "before")
+    summary = write_shards(run, tmp_path / "after")
+    assert summary.num_samples == 2
+    assert victim not in set(Manifest.load(str(tmp_path / "after")).samples["key"])
+
+
 KILLER = """
 import os, signal, sys
 from shards import writer
+from curation.ledger import Ledger
 from shards.config import ShardWriteConfig
 
 run, out, mode = sys.argv[1:4]
