@@ -126,3 +126,28 @@ def test_rethreshold_cli_keeps_the_runs_config_and_prints_what_changed(tmp_path,
     assert line.startswith("text_area.max 0.15 -> 0.05: ") and line.endswith(f", {int(got['keep'].sum())} kept")
     assert (tmp_path / "config.yaml").read_text() == original  # the run's record stays as it was
     assert json.loads((tmp_path / "decisions" / "_summary.json").read_text())["thresholds"]["text_area"]["max"] == 0.05
+
+
+def compare_once(num_videos: int) -> dict[str, int]:
+    """The comparison at a size of your choice (the issue's 10k run):
+    `python -m tests.curation.test_decisions 10000` prints the differing rows per column (all 0)."""
+    import tempfile
+    from pathlib import Path
+
+    run = Path(tempfile.mkdtemp(prefix="lvd-decisions-"))
+    clips = fabricated_run(run, num_videos=num_videos, seed=11)
+    cfg = config(run)
+    decide(cfg, Ledger(run))
+    got = Ledger(run).read()[1].set_index("clip_id")
+    want = reference(clips, cfg).loc[got.index]
+    diff = {c: int((got[c].fillna("-").astype(str) != want[c].fillna("-").astype(str)).sum()) for c in COMPARED}
+    print(f"{num_videos} videos, {len(got)} clips, {int(got['keep'].sum())} kept, "
+          f"{int((got['reason_code'] == 'duplicate_exact').sum())} exact and "
+          f"{int((got['reason_code'] == 'duplicate_near').sum())} near duplicates; differing rows: {diff}")
+    return diff
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(1 if any(compare_once(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000).values()) else 0)
