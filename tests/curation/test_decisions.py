@@ -128,6 +128,26 @@ def test_rethreshold_cli_keeps_the_runs_config_and_prints_what_changed(tmp_path,
     assert json.loads((tmp_path / "decisions" / "_summary.json").read_text())["thresholds"]["text_area"]["max"] == 0.05
 
 
+def test_lvd_ledger_counts_and_queries_the_datasets(tmp_path, capsys):
+    from jobs.cli import main
+
+    clips = fabricated_run(tmp_path, num_videos=25, seed=7)
+    decide(config(tmp_path), Ledger(tmp_path))
+    _, got = Ledger(tmp_path).read()
+    assert main(["ledger", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"clips: {len(clips)}" in out and f"clips kept: {int(got['keep'].sum())}" in out
+    too_short = int((got["reason_code"] == "too_short").sum())
+    assert f"clips too_short: {too_short}" in out
+    top = got.loc[got["status"] == "ok"].sort_values("motion_score", ascending=False).iloc[0]
+    assert main(["ledger", str(tmp_path), "--query",
+                 "SELECT clip_id FROM clips JOIN decisions USING (clip_id) WHERE status = 'ok' "
+                 "ORDER BY motion_score DESC NULLS LAST", "--limit", "1"]) == 0
+    assert capsys.readouterr().out.split() == ["clip_id", top["clip_id"]]
+    assert main(["ledger", str(tmp_path), "--query", "SELECT nope FROM clips"]) == 2
+    assert "the query failed" in capsys.readouterr().err
+
+
 def compare_once(num_videos: int) -> dict[str, int]:
     """The comparison at a size of your choice (the issue's 10k run):
     `python -m tests.curation.test_decisions 10000` prints the differing rows per column (all 0)."""
