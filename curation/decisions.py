@@ -6,15 +6,15 @@ No frame is decoded and no step holds the ledger in one place:
    `quantile_cont` is numpy's linear percentile), over the score column of the usable clips only;
    whether the scores are comparable (one OCR engine, one CLIP model);
 2. per clips file (a task each): the rules in recipe order -> keep / decision / reason code / pass_<score>;
-   the clips still kept become dedup candidates (`dedup/candidates/`: id, hash, rank keys, embedding);
-3. exact duplicates: one DuckDB window over the candidates (`dedup/exact/`, partitioned by bucket);
+   the clips still kept become dedup candidates (`RUN/.decide/candidates/`: id, hash, rank keys, embedding);
+3. exact duplicates: one DuckDB window over the candidates (`.decide/exact/`, partitioned by bucket);
    near duplicates: the all-pairs cosine search of curation/dedup.py over the remaining candidates'
-   embeddings, in one task (`dedup/near/`);
+   embeddings, in one task (`.decide/near/`, partitioned by bucket);
 4. per clips file again: the duplicates of its bucket applied, the file's decisions written; the new
    decisions folder replaces the old one in one rename, so readers see the old or the new decisions.
 
-Tasks run on Ray when it is initialised (the curate run, or `--rethreshold --address`), else in this
-process. The in-memory `thresholds.apply_thresholds` + `dedup.apply_dedup` are the reference this
+Tasks run on Ray when it is initialised (curation/tasks.py: the curate run, `--rethreshold`), else in
+this process. The in-memory `thresholds.apply_thresholds` + `dedup.apply_dedup` are the reference this
 reproduces (tests compare the two).
 """
 
@@ -26,7 +26,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from curation.config import CurationConfig
 from curation.dedup import DedupConfig, apply_dedup
+from curation.tasks import call_task, map_tasks
 from curation.ledger import CLIP_SCHEMA, DECISION_SCHEMA, Ledger, atomic_parquet, atomic_text
 from curation.thresholds import Bound, Threshold, _check_comparable, check_names, decide_block, percentile_points, resolve_bounds
 
@@ -50,21 +51,21 @@ class Decided:
 
 
 def decide(config: CurationConfig, ledger: Ledger) -> Decided:
-    _call(_recover, str(ledger.run_dir))  # a DuckDB pass over every video id: in a task, not here
+    call_task(_recover, str(ledger.run_dir))  # a DuckDB pass over every video id: in a task, not here
     files = ledger.clip_files()
     if not files:
         raise FileNotFoundError(f"no ledger in {ledger.run_dir}: run `lvd curate` with output={ledger.run_dir} first")
     thresholds, dedup = config.thresholds, config.dedup
     float_scores = [f.name for f in CLIP_SCHEMA if pa.types.is_floating(f.type)]
     check_names(thresholds, float_scores, CLIP_SCHEMA.names)
-    stats = _call(_aggregates, str(ledger.run_dir), {n: percentile_points(r) for n, r in thresholds.items()},
+    stats = call_task(_aggregates, str(ledger.run_dir), {n: percentile_points(r) for n, r in thresholds.items()},
                   list(thresholds))
     bounds = {name: resolve_bounds(rule, {float(p): v for p, v in stats["percentiles"][name].items()})
               for name, rule in thresholds.items()}
     work = ledger.run_dir / ".decide"
     shutil.rmtree(work, ignore_errors=True)
     wants = _candidate_columns(dedup)
-    first = _map(_decide_file, [(str(ledger.run_dir), str(f), bounds, wants, str(work)) for f in files])
+    first = map_tasks(_decide_file, [(str(ledger.run_dir), str(f), bounds, wants, str(work)) for f in files])
     steps = Counter()
     for counts in first:
         steps.update(counts)
@@ -74,14 +75,13 @@ def decide(config: CurationConfig, ledger: Ledger) -> Decided:
               {"step": "usable clips", "count": steps["usable clips"]},
               *({"step": name, "count": steps[name]} for name in thresholds)]
     kept = funnel[-1]["count"]
-    num_buckets = ledger.num_buckets()
     if dedup.exact:
-        kept -= _call(_exact_duplicates, str(work), _rank_sql(dedup))
+        kept -= call_task(_exact_duplicates, str(work), _rank_sql(dedup))
         funnel.append({"step": "dedup exact", "count": kept})
     if dedup.near:
-        kept -= _call(_near_duplicates, str(work), dedup.model_dump(mode="json"))
+        kept -= call_task(_near_duplicates, str(work), dedup.model_dump(mode="json"))
         funnel.append({"step": "dedup near", "count": kept})
-    second = _map(_apply_duplicates, [(str(ledger.run_dir), str(f), str(work), num_buckets) for f in files])
+    second = map_tasks(_apply_duplicates, [(str(ledger.run_dir), str(f), str(work)) for f in files])
     changes = _changes(ledger, thresholds, second, kept)
     _swap(ledger, work, {
         "thresholds": {n: r.model_dump(mode="json") for n, r in thresholds.items()},
@@ -91,7 +91,7 @@ def decide(config: CurationConfig, ledger: Ledger) -> Decided:
         "decided": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     atomic_text(ledger.run_dir / "funnel.json", json.dumps(funnel, indent=2))
-    reasons = _call(_reason_counts, str(ledger.run_dir))
+    reasons = call_task(_reason_counts, str(ledger.run_dir))
     return Decided(funnel, reasons, changes)
 
 
@@ -191,12 +191,13 @@ def _near_duplicates(work: str, dedup: dict[str, Any]) -> int:
     frame["keep"], frame["decision"] = True, ""
     decided, _ = apply_dedup(frame, config.model_copy(update={"exact": False}))
     dups = decided.loc[decided["dup_of"].notna(), ["clip_id", "dup_of", "dup_similarity", "decision", "bucket"]]
-    if len(dups):
-        atomic_parquet(Path(work, "near", "near.parquet"), pa.Table.from_pandas(dups, preserve_index=False))
+    for bucket, part in dups.groupby("bucket"):  # one folder per bucket, as the exact pass writes
+        atomic_parquet(Path(work, "near", f"bucket={bucket}", "near.parquet"),
+                       pa.Table.from_pandas(part.drop(columns="bucket"), preserve_index=False))
     return len(dups)
 
 
-def _apply_duplicates(run_dir: str, clips_file: str, work: str, num_buckets: int) -> dict[str, Any]:
+def _apply_duplicates(run_dir: str, clips_file: str, work: str) -> dict[str, Any]:
     """One file's first-pass decisions with its bucket's duplicates applied; returns what changed against the
     decisions it replaces."""
     path = Path(clips_file)
@@ -208,8 +209,8 @@ def _apply_duplicates(run_dir: str, clips_file: str, work: str, num_buckets: int
     decision = table.column("decision").to_pylist()
     code, detail = table.column("reason_code").to_pylist(), table.column("reason_detail").to_pylist()
     dup_of, dup_sim = [None] * len(ids), [None] * len(ids)
-    for kind, dups in (("exact", _bucket_dups(Path(work, "exact", f"bucket={bucket}"))),
-                       ("near", _bucket_dups(Path(work, "near"), bucket))):
+    for kind in ("exact", "near"):
+        dups = _bucket_dups(Path(work, kind, f"bucket={bucket}"))
         if dups is None:
             continue
         where = pc.index_in(ids, dups.column("clip_id")).to_pylist()
@@ -276,13 +277,12 @@ def _decision_table(frame, rules: list[str]) -> pa.Table:
     return pa.table(cols)
 
 
-def _bucket_dups(folder: Path, bucket: int | None = None) -> pa.Table | None:
+def _bucket_dups(folder: Path) -> pa.Table | None:
+    """The duplicates one bucket's files drop (exact or near), or None."""
     files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not files:
         return None
     table = pads.dataset([str(f) for f in files], format="parquet").to_table()
-    if bucket is not None:
-        table = table.filter(pc.equal(table.column("bucket"), bucket))
     return table if table.num_rows else None
 
 
@@ -341,20 +341,3 @@ def _swap(ledger: Ledger, work: Path, summary: dict[str, Any]) -> None:
 
 def _glob(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.glob("bucket=*/*.parquet"))
-
-
-def _call(fn: Callable, *args: Any) -> Any:
-    return _map(fn, [args])[0]
-
-
-def _map(fn: Callable, calls: list[tuple]) -> list[Any]:
-    """fn(*args) for each call: Ray tasks when Ray is initialised (results are small counts), else here."""
-    try:
-        import ray
-    except ImportError:  # pragma: no cover - ray is a dependency
-        ray = None
-    if ray is not None and ray.is_initialized() and calls:
-        remote = ray.remote(num_cpus=1, max_retries=3)(fn)
-        return ray.get([remote.remote(*args) for args in calls])
-    return [fn(*args) for args in calls]
-

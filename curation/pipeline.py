@@ -26,6 +26,7 @@ from curation.config import CurationConfig
 from curation.decisions import decide
 from curation.inputs import Item, list_task
 from curation.ledger import Ledger
+from curation.tasks import call_task
 
 # Model-backed stages, in pipeline order: (import path, config section).
 # The caption stage runs before the CLIP stage, which scores text-image similarity against the captions.
@@ -103,9 +104,10 @@ def run_curation(config: CurationConfig, address: str | None = None, progress: b
     with ray_session(config, address, run_dir, verbose) as started:
         _check_gpus(config, _cluster_gpus(), autoscaling_possible=not started)
         num_ignored = _list_inputs(config, run_dir, num_buckets)
-        plan = _call_remote(_plan, str(run_dir), _num_decoders(config))
+        num_decoders = _num_decoders(config)
+        plan = call_task(_plan, str(run_dir), num_decoders)
         if plan["todo"]:
-            _run_pipeline(config, run_dir, plan, num_buckets, progress, decoder)
+            _run_pipeline(config, run_dir, plan, min(plan["todo"], num_decoders), num_buckets, progress, decoder)
         summary = finalize(config, ledger, processed=plan["todo"])
     shutil.rmtree(run_dir / ".todo", ignore_errors=True)
     summary.stand_ins = stand_ins
@@ -264,12 +266,6 @@ def _input_dataset(plan: dict[str, Any]):
     return ray.data.from_arrow_refs(refs)
 
 
-def _call_remote(fn, *args):
-    import ray
-
-    return ray.get(ray.remote(num_cpus=0.5, max_retries=3)(fn).remote(*args))
-
-
 def _num_decoders(config: CurationConfig) -> int:
     """Decode actors: as configured, else as many as fit beside the model stages' actors."""
     import ray
@@ -280,14 +276,14 @@ def _num_decoders(config: CurationConfig) -> int:
     return config.decode.num_workers or max(1, int((cpus - stage_cpus) / config.decode.num_cpus + 1e-9))
 
 
-def _run_pipeline(config: CurationConfig, run_dir: Path, plan: dict[str, Any], num_buckets: int, progress: bool,
+def _run_pipeline(config: CurationConfig, run_dir: Path, plan: dict[str, Any], num_decoders: int, num_buckets: int,
+                  progress: bool,
                   decoder: type | None) -> None:
     import ray
 
     from curation.ray_steps import StageActor, VideoActor, write_ledger
 
     todo = plan["todo"]
-    num_decoders = min(todo, _num_decoders(config))
     per_file = max(1, min(config.ledger.videos_per_file, math.ceil(todo / (4 * num_decoders))))
     ds = _input_dataset(plan)
     ds = ds.map_batches(decoder or VideoActor, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,

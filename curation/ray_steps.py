@@ -21,7 +21,7 @@ import ray
 from curation.config import CurationConfig
 from curation.inputs import is_url, source_path
 from curation.isolation import IsolatedWorker
-from curation.ledger import CLIP_SCHEMA, CLIP_TYPE, Ledger, pipeline_row, rows_table, split_reason, split_rows
+from curation.ledger import CLIP_SCHEMA, CLIP_TYPE, Ledger, bucket_of, pipeline_row, rows_table, split_reason, split_rows
 from curation.stage import ClipBatch, Stage
 from curation.video_task import VideoOutput, decode_jpegs, prepare, process_video, video_row
 
@@ -107,10 +107,11 @@ class StageActor:
         size = max(1, self.stage.config.batch_size)
         for start in range(0, len(todo), size):
             part = todo[start:start + size]
-            frames = [decode_jpegs(key_frames[v].as_py()[c]) for v, c in part]
+            # one clip's JPEGs at a time (indexing the list scalar converts only that element)
+            frames = [decode_jpegs(key_frames[v][c].as_py()) for v, c in part]
             clip_frames = None
             if self.stage.uses_clip_frames:
-                clip_frames = [decode_jpegs(f) if (f := spread[v].as_py()[c]) else None for v, c in part]
+                clip_frames = [decode_jpegs(f) if (f := spread[v][c].as_py()) else None for v, c in part]
             res = self.stage(ClipBatch([clips[v][c]["clip_id"] for v, c in part], frames,
                                        [clips[v][c] for v, c in part], clip_frames))
             for j, (v, c) in enumerate(part):
@@ -129,19 +130,12 @@ def write_ledger(batch: pa.Table, run_dir: str, num_buckets: int) -> pa.Table:
     files per hash bucket present, and returns one row of counts for the driver's progress bar."""
     ledger = Ledger(run_dir)
     videos, clips = split_rows(batch.drop_columns([c for c in ("key_frames", "clip_frames") if c in batch.column_names]))
-    buckets = pc.remainder(_id_prefix(videos.column("video_id")), num_buckets)
-    clip_buckets = pc.remainder(_id_prefix(clips.column("video_id")), num_buckets)
+    buckets = pa.array([bucket_of(v, num_buckets) for v in videos.column("video_id").to_pylist()])
+    clip_buckets = pa.array([bucket_of(v, num_buckets) for v in clips.column("video_id").to_pylist()])
     for b in pc.unique(buckets).to_pylist():
         ledger.commit(b, videos.filter(pc.equal(buckets, b)), clips.filter(pc.equal(clip_buckets, b)))
     ok = pc.sum(pc.equal(clips.column("status"), "ok")).as_py() or 0
     return pa.table({"videos": [videos.num_rows], "clips": [clips.num_rows], "clips_ok": [ok]})
-
-
-def _id_prefix(ids: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """int(video_id[:8], 16), vectorised (ledger.bucket_of for a column)."""
-    prefix = pc.utf8_slice_codeunits(ids, 0, 8)
-    values = np.array([int(p, 16) for p in prefix.to_pylist()], dtype=np.int64)
-    return pa.array(values)
 
 
 def _plain(v: Any) -> Any:
