@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, resolve
 from curation.config import CurationConfig
 from curation.decisions import decide
@@ -233,8 +235,6 @@ def _plan(run_dir: str, num_decoders: int) -> dict[str, Any]:
                        f"FROM pending ANTI JOIN ({committed}) c USING (video_id)) TO '{todo}' "
                        "(FORMAT parquet, PARTITION_BY (chunk))")
     chunks = sorted(todo.glob("chunk=*/*.parquet"), key=lambda p: int(p.parent.name.split("=")[1]))
-    import pyarrow.parquet as pq
-
     plan.update(inputs=int(total), todo=int(count), done=int(total) - int(count), per_block=per_block,
                 chunks=[(str(p), pq.ParquetFile(p).metadata.num_rows) for p in chunks])
     return plan
@@ -246,8 +246,6 @@ BLOCKS_PER_CHUNK = 64    # blocks one chunk file of RUN/.todo holds
 
 def _chunk_blocks(path: str, per_block: int) -> list:
     """In a task: one chunk file of the plan, sorted, split into blocks (one return value each)."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path).sort_by([("bucket", "ascending"), ("video_id", "ascending")])
     blocks = [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
     return blocks if len(blocks) > 1 else blocks[0]
@@ -277,8 +275,7 @@ def _num_decoders(config: CurationConfig) -> int:
 
 
 def _run_pipeline(config: CurationConfig, run_dir: Path, plan: dict[str, Any], num_decoders: int, num_buckets: int,
-                  progress: bool,
-                  decoder: type | None) -> None:
+                  progress: bool, decoder: type | None) -> None:
     import ray
 
     from curation.ray_steps import StageActor, VideoActor, write_ledger
