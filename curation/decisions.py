@@ -7,9 +7,11 @@ No frame is decoded and no step holds the ledger in one place:
    whether the scores are comparable (one OCR engine, one CLIP model);
 2. per clips file (a task each): the rules in recipe order -> keep / decision / reason code / pass_<score>;
    the clips still kept become dedup candidates (`RUN/.decide/candidates/`: id, hash, rank keys, embedding);
-3. exact duplicates: one DuckDB window over the candidates (`.decide/exact/`, partitioned by bucket);
-   near duplicates: the all-pairs cosine search of curation/dedup.py over the remaining candidates'
-   embeddings, in one task (`.decide/near/`, partitioned by bucket);
+3. exact duplicates: the candidates are written hash-partitioned by `content_hash` (`.decide/exact_in/hpart=H/`),
+   and a DuckDB window per partition (a task each) picks each hash's survivor (`.decide/exact/`, partitioned by
+   bucket); near duplicates: curation/near_dedup.py over the candidates' clip vectors (`.decide/vectors/`):
+   all pairs up to `dedup.all_pairs_max` candidates, else k-means clusters (cached in `RUN/clusters/`, trained
+   on `.decide/sample/`) searched in parallel tasks (`.decide/near/`, partitioned by bucket);
 4. per clips file again: the duplicates of its bucket applied, the file's decisions written; the new
    decisions folder replaces the old one in one rename, so readers see the old or the new decisions.
 
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import shutil
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +39,15 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from curation.config import CurationConfig
-from curation.dedup import DedupConfig, apply_dedup
+from curation import near_dedup
+from curation.dedup import embedding_vectors
 from curation.tasks import call_task, map_tasks
 from curation.ledger import CLIP_SCHEMA, DECISION_SCHEMA, Ledger, atomic_parquet, atomic_text
 from curation.thresholds import Bound, Threshold, _check_comparable, check_names, decide_block, percentile_points, resolve_bounds
 
 SUMMARY = "_summary.json"
+EXACT_ROWS_PER_TASK = 2_000_000
+"""Clips per exact-dedup partition (one DuckDB window each; DuckDB spills beyond its memory limit)."""
 
 
 @dataclass
@@ -59,13 +66,19 @@ def decide(config: CurationConfig, ledger: Ledger) -> Decided:
     float_scores = [f.name for f in CLIP_SCHEMA if pa.types.is_floating(f.type)]
     check_names(thresholds, float_scores, CLIP_SCHEMA.names)
     stats = call_task(_aggregates, str(ledger.run_dir), {n: percentile_points(r) for n, r in thresholds.items()},
-                  list(thresholds))
+                      list(thresholds))
     bounds = {name: resolve_bounds(rule, {float(p): v for p, v in stats["percentiles"][name].items()})
               for name, rule in thresholds.items()}
     work = ledger.run_dir / ".decide"
     shutil.rmtree(work, ignore_errors=True)
-    wants = _candidate_columns(dedup)
-    first = map_tasks(_decide_file, [(str(ledger.run_dir), str(f), bounds, wants, str(work)) for f in files])
+    clusters = ledger.run_dir / "clusters"
+    print_ = near_dedup.fingerprint(dedup, [f.name for f in files], stats["embedded"])
+    sample = None
+    if dedup.near and stats["embedded"] > dedup.all_pairs_max and not near_dedup.cached_clustering(clusters, print_):
+        sample = near_dedup.sample_fraction(dedup, stats["embedded"])
+    plan = {"exact": dedup.exact, "near": dedup.near, "keep": dedup.keep, "sample": sample,
+            "hash_parts": max(1, math.ceil(stats["clips"] / EXACT_ROWS_PER_TASK))}
+    first = map_tasks(_decide_file, [(str(ledger.run_dir), str(f), bounds, plan, str(work)) for f in files])
     steps = Counter()
     for counts in first:
         steps.update(counts)
@@ -76,11 +89,20 @@ def decide(config: CurationConfig, ledger: Ledger) -> Decided:
               *({"step": name, "count": steps[name]} for name in thresholds)]
     kept = funnel[-1]["count"]
     if dedup.exact:
-        kept -= call_task(_exact_duplicates, str(work), _rank_sql(dedup))
+        parts = sorted(str(p) for p in (work / "exact_in").glob("hpart=*"))
+        exact = sum(map_tasks(_exact_duplicates, [(p, str(work / "exact")) for p in parts]))
+        kept -= exact
         funnel.append({"step": "dedup exact", "count": kept})
+    near_path = None
     if dedup.near:
-        kept -= call_task(_near_duplicates, str(work), dedup.model_dump(mode="json"))
-        funnel.append({"step": "dedup near", "count": kept})
+        found = near_dedup.search(
+            work / "near", sorted(str(p) for p in (work / "vectors").glob("*.parquet")),
+            steps["vectors"] - (exact if dedup.exact else 0), dedup, exact_dir=work / "exact",
+            clusters_dir=clusters, sample_files=sorted(str(p) for p in (work / "sample").glob("*.parquet")),
+            print_=print_, num_vectors=stats["embedded"])
+        kept -= found.dropped
+        near_path = found.funnel_path()
+        funnel.append({"step": "dedup near", "count": kept, "path": near_path})
     second = map_tasks(_apply_duplicates, [(str(ledger.run_dir), str(f), str(work)) for f in files])
     changes = _changes(ledger, thresholds, second, kept)
     _swap(ledger, work, {
@@ -88,6 +110,7 @@ def decide(config: CurationConfig, ledger: Ledger) -> Decided:
         "dedup": dedup.model_dump(mode="json"),
         "bounds": {n: [b.__dict__ for b in bs] for n, bs in bounds.items()},
         "funnel": funnel,
+        "near_search": near_path,
         "decided": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     atomic_text(ledger.run_dir / "funnel.json", json.dumps(funnel, indent=2))
@@ -113,7 +136,9 @@ def _aggregates(run_dir: str, points: dict[str, list[float]], names: list[str]) 
         db.execute("SET threads TO 2")
         n_videos, decoded = db.execute(f"SELECT count(*), count(*) FILTER (WHERE status IN ('ok', 'no_clips')) "
                                        f"FROM read_parquet({videos!r})").fetchone() if videos else (0, 0)
-        n_clips = db.execute(f"SELECT count(*) FROM read_parquet({clips!r})").fetchone()[0]
+        n_clips, embedded = db.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE status = 'ok' AND len(clip_embedding) > 0) "
+            f"FROM read_parquet({clips!r})").fetchone() if clips else (0, 0)
         percentiles: dict[str, dict[float, float | None]] = {}
         for name in names:
             pts = points.get(name) or []
@@ -133,68 +158,85 @@ def _aggregates(run_dir: str, points: dict[str, list[float]], names: list[str]) 
     probe = pd.DataFrame({"status": "ok", "text_engine": pd.Series(distinct["text_engine"] or [None]),
                           "clip_model": pd.Series(distinct["clip_model"] or [None])})
     _check_comparable(probe, {n: Threshold(min=0) for n in names})
-    return {"videos": int(n_videos), "decoded": int(decoded), "clips": int(n_clips), "percentiles": percentiles}
+    return {"videos": int(n_videos), "decoded": int(decoded), "clips": int(n_clips), "embedded": int(embedded),
+            "percentiles": percentiles}
 
 
-def _decide_file(run_dir: str, clips_file: str, bounds: dict[str, list[Bound]], candidate_columns: list[str],
+def _decide_file(run_dir: str, clips_file: str, bounds: dict[str, list[Bound]], plan: dict[str, Any],
                  work: str) -> dict[str, int]:
-    """Thresholds for one clips file -> its first-pass decisions and its dedup candidates."""
+    """Thresholds for one clips file -> its first-pass decisions, and its dedup inputs: the kept clips with a
+    hash (hash-partitioned), the kept clips' vectors, and (when the clustering is to be trained) the sampled
+    usable clips' vectors."""
     path = Path(clips_file)
-    base = ["clip_id", "video_id", "status", "reason", "reason_code", "reason_detail"]
-    columns = list(dict.fromkeys([*base, *bounds, *candidate_columns]))
+    rank_column = {"longest": "duration_s", "aesthetic": "aesthetic"}.get(plan["keep"])
+    wanted = ["clip_id", "video_id", "status", "reason", "reason_code", "reason_detail", *bounds]
+    wanted += [c for c, on in (("content_hash", plan["exact"]), (rank_column, rank_column and (plan["exact"] or plan["near"])),
+                               ("clip_embedding", plan["near"])) if on]
+    columns = list(dict.fromkeys(wanted))
     table = pq.read_table(path, columns=columns, schema=CLIP_SCHEMA)
     frame = table.select([c for c in columns if c != "clip_embedding"]).to_pandas()
     decided, steps = decide_block(frame, bounds)
     out = Path(work)
     atomic_parquet(out / "thresholds" / path.parent.name / path.name, _decision_table(decided, list(bounds)))
-    keep = pa.array(decided["keep"].to_numpy(dtype=bool))
-    candidates = table.filter(keep).select(candidate_columns)
-    if candidates.num_rows:
-        bucket = pa.array(np.full(candidates.num_rows, int(path.parent.name.split("=")[1]), dtype=np.int32))
-        atomic_parquet(out / "candidates" / path.name, candidates.append_column("bucket", bucket))
-    return {s.name: s.count for s in steps}
+    counts = {s.name: s.count for s in steps}
+    keep = decided["keep"].to_numpy(dtype=bool)
+    bucket = int(path.parent.name.split("=")[1])
+    rank = frame[rank_column].to_numpy(dtype=np.float64) if rank_column else np.zeros(len(frame))
+    ids = table.column("clip_id").combine_chunks()
+    if plan["exact"]:
+        _write_hash_parts(out / "exact_in", path.name, ids, table.column("content_hash").to_pylist(), rank, bucket,
+                          keep, plan["hash_parts"])
+    if plan["near"]:
+        usable = (frame["status"] == "ok").to_numpy()
+        rows, vectors = embedding_vectors(table.column("clip_embedding").filter(pa.array(usable if plan["sample"] else keep)))
+        rows = np.flatnonzero(usable if plan["sample"] else keep)[rows]
+        kept = keep[rows]
+        counts["vectors"] = int(kept.sum())
+        if kept.any():
+            atomic_parquet(out / "vectors" / path.name,
+                           near_dedup.vector_table(ids.take(pa.array(rows[kept])), rank[rows[kept]], bucket, vectors[kept]))
+        if plan["sample"]:
+            chosen = near_dedup.in_sample(ids.take(pa.array(rows)), plan["sample"])
+            if chosen.any():
+                atomic_parquet(out / "sample" / path.name,
+                               near_dedup.vector_table(ids.take(pa.array(rows[chosen])), rank[rows[chosen]], bucket,
+                                                       vectors[chosen]).select(["clip_id", "vector"]))
+    return counts
 
 
-def _exact_duplicates(work: str, rank_sql: str) -> int:
-    """Kept clips with one content hash: all but the best-ranked become duplicates of it. DuckDB sorts and
-    spills; the result is written partitioned by bucket. Returns how many were dropped."""
+def _write_hash_parts(folder: Path, name: str, ids: pa.Array, hashes: list, rank: np.ndarray, bucket: int,
+                      keep: np.ndarray, parts: int) -> None:
+    """The kept clips with a content hash, in `parts` partitions by a stable hash of it (crc32), so that
+    every copy of a hash lands in one partition whichever file it is in."""
+    has = keep & np.array([isinstance(h, str) and h != "" for h in hashes], dtype=bool)
+    rows = np.flatnonzero(has)
+    if rows.size == 0:
+        return
+    part = np.array([zlib.crc32(hashes[r].encode()) % parts for r in rows], dtype=np.int64)
+    table = pa.table({"clip_id": ids.take(pa.array(rows)), "content_hash": pa.array([hashes[r] for r in rows], pa.string()),
+                      "rank_key": pa.array(rank[rows], pa.float64(), mask=np.isnan(rank[rows])),
+                      "bucket": pa.array(np.full(rows.size, bucket, np.int32))})
+    for p in np.unique(part):
+        atomic_parquet(folder / f"hpart={p:05d}" / name, table.filter(pa.array(part == p)))
+
+
+def _exact_duplicates(part_dir: str, out: str) -> int:
+    """Kept clips with one content hash (all in this hash partition): all but the best-ranked become duplicates
+    of it. DuckDB sorts and spills; the result is written partitioned by bucket. Returns how many were dropped."""
     import duckdb
 
-    cands = sorted(str(p) for p in Path(work, "candidates").glob("*.parquet"))
-    if not cands:
+    files = sorted(str(p) for p in Path(part_dir).glob("*.parquet"))
+    if not files:
         return 0
-    out = Path(work, "exact")
     with duckdb.connect() as db:
-        db.execute("SET threads TO 2")
+        db.execute("SET threads TO 1")
         written = db.execute(f"""COPY (SELECT clip_id, dup_of, 1.0::DOUBLE AS dup_similarity, bucket FROM (
                 SELECT clip_id, bucket, first_value(clip_id) OVER (PARTITION BY content_hash
                     ORDER BY rank_key DESC NULLS LAST, clip_id) AS dup_of
-                FROM (SELECT *, {rank_sql} AS rank_key FROM read_parquet({cands!r}, union_by_name=true))
-                WHERE content_hash IS NOT NULL AND content_hash <> '') WHERE dup_of <> clip_id)
-            TO '{out}' (FORMAT parquet, PARTITION_BY (bucket), OVERWRITE_OR_IGNORE true)""").fetchone()
+                FROM read_parquet({files!r})) WHERE dup_of <> clip_id)
+            TO '{out}' (FORMAT parquet, PARTITION_BY (bucket), OVERWRITE_OR_IGNORE true,
+                        FILENAME_PATTERN '{Path(part_dir).name}_{{i}}')""").fetchone()
         return int(written[0]) if written else 0
-
-
-def _near_duplicates(work: str, dedup: dict[str, Any]) -> int:
-    """Near duplicates among the candidates left after the exact pass, with dedup.py's exact all-pairs search
-    (one task holds the candidates' embeddings). Returns how many were dropped."""
-    config = DedupConfig.model_validate(dedup)
-    cands = sorted(str(p) for p in Path(work, "candidates").glob("*.parquet"))
-    if not cands:
-        return 0
-    table = pads.dataset(cands, format="parquet").to_table()
-    exact = sorted(str(p) for p in Path(work, "exact").glob("bucket=*/*.parquet"))
-    if exact:
-        gone = pads.dataset(exact, format="parquet").to_table(columns=["clip_id"])
-        table = table.filter(pc.invert(pc.is_in(table.column("clip_id"), gone.column("clip_id"))))
-    frame = table.to_pandas()
-    frame["keep"], frame["decision"] = True, ""
-    decided, _ = apply_dedup(frame, config.model_copy(update={"exact": False}))
-    dups = decided.loc[decided["dup_of"].notna(), ["clip_id", "dup_of", "dup_similarity", "decision", "bucket"]]
-    for bucket, part in dups.groupby("bucket"):  # one folder per bucket, as the exact pass writes
-        atomic_parquet(Path(work, "near", f"bucket={bucket}", "near.parquet"),
-                       pa.Table.from_pandas(part.drop(columns="bucket"), preserve_index=False))
-    return len(dups)
 
 
 def _apply_duplicates(run_dir: str, clips_file: str, work: str) -> dict[str, Any]:
@@ -252,24 +294,6 @@ def _reason_counts(run_dir: str) -> dict[str, int]:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def _rank_sql(dedup: DedupConfig) -> str:
-    """The survivor rank key of dedup.keep as SQL (sorted descending, NULL last, then the smallest clip_id),
-    as dedup.py ranks: a missing or NaN score ranks last (DuckDB would sort NaN first)."""
-    column = {"longest": "duration_s", "aesthetic": "aesthetic"}.get(dedup.keep)
-    return f"CASE WHEN isnan({column}) THEN NULL ELSE {column} END" if column else "0.0"
-
-
-def _candidate_columns(dedup: DedupConfig) -> list[str]:
-    cols = ["clip_id", "content_hash"]
-    if dedup.keep == "longest":
-        cols.append("duration_s")
-    elif dedup.keep == "aesthetic":
-        cols.append("aesthetic")
-    if dedup.near:
-        cols.append("clip_embedding")
-    return cols
-
-
 def _decision_table(frame, rules: list[str]) -> pa.Table:
     cols = {f.name: pa.array(frame[f.name] if f.name in frame.columns else [None] * len(frame), f.type,
                              from_pandas=True) for f in DECISION_SCHEMA}

@@ -342,7 +342,8 @@ def print_funnel(summary: Summary, file=None) -> None:
     print(f"\nfunnel ({summary.run_dir}; {summary.num_processed} videos processed by this run, "
           f"{summary.num_done_before} already in the ledger):", file=file)
     for s in summary.funnel:
-        print(f"  {s['step']:<{width}}  {s['count']:>7}", file=file)
+        path = f"  ({s['path']})" if s.get("path") else ""  # which near-duplicate search ran
+        print(f"  {s['step']:<{width}}  {s['count']:>7}{path}", file=file)
     if summary.num_ignored:
         print(f"{summary.num_ignored} other files in the input folders were ignored (not a video extension; see "
               "`extensions` in the recipe)", file=file)

@@ -35,6 +35,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--work-dir", default=None, help="folder for the temporary run folders (default: the system's)")
     sc.set_defaults(run=run_scale)
 
+    from curation.bench_dedup import __doc__ as dedup_doc
+
+    dd = which.add_parser("dedup", help="near-duplicate search: time, memory, recall of planted pairs, agreement "
+                                        "with the exact all-pairs search", description=dedup_doc,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    dd.add_argument("--clips", type=int, default=1_000_000, help="synthetic clip vectors (default: %(default)s)")
+    dd.add_argument("--dim", type=int, default=768, help="vector size (default: %(default)s, CLIP ViT-L/14)")
+    dd.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
+    dd.add_argument("--work-dir", default=None, help="folder for the temporary files (default: the system's; "
+                                                      "needs ~2.5x clips x dim x 4 bytes)")
+    dd.set_defaults(run=run_dedup)
+
     from jobs.commands.train import register_bench as register_train_bench
 
     register_train_bench(which)
@@ -85,6 +97,16 @@ def run_curate(args: argparse.Namespace) -> int:
             videos = make_bench_videos(Path(tmp), args.videos, args.seconds, args.height)
         result = run_bench(config, videos, args.workers)
     print("\n".join(result.lines()))
+    return 0
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    from curation.bench_dedup import run_bench
+
+    if args.clips < 100 or args.dim < 2:
+        raise SystemExit(f"lvd bench dedup: --clips must be at least 100 and --dim at least 2 "
+                         f"(got {args.clips}, {args.dim})")
+    run_bench(args.clips, args.dim, args.json, args.work_dir)
     return 0
 
 

@@ -46,11 +46,16 @@ def fabricated_run(run_dir, num_videos: int = 60, seed: int = 0) -> pd.DataFrame
     return pd.DataFrame(clips)
 
 
-def config(run_dir, **thresholds) -> CurationConfig:
+# the k-means path on a run this small: 4 clusters of ~15 clips, each clip in its 2 nearest
+CLUSTERED = {"all_pairs_max": 10, "cluster_size": 15, "assignments": 2, "kmeans_sample": 1}
+
+
+def config(run_dir, dedup=None, **thresholds) -> CurationConfig:
     rules = thresholds or {"motion_score": {"drop_bottom_pct": 20}, "text_area": {"max": 0.15},
                            "aesthetic": {"drop_top_pct": 5, "min": 3.5}}
     return CurationConfig.model_validate({"inputs": ["x"], "output": str(run_dir), "thresholds": rules,
-                                          "dedup": {"exact": True, "near": True, "near_threshold": 0.97}})
+                                          "dedup": {"exact": True, "near": True, "near_threshold": 0.97,
+                                                    **(dedup or {})}})
 
 
 def reference(clips: pd.DataFrame, cfg: CurationConfig) -> pd.DataFrame:
@@ -59,9 +64,10 @@ def reference(clips: pd.DataFrame, cfg: CurationConfig) -> pd.DataFrame:
     return decided.set_index("clip_id")
 
 
-def test_decisions_equal_the_in_memory_reference(tmp_path):
+@pytest.mark.parametrize("search", ["all-pairs", "clustered"])
+def test_decisions_equal_the_in_memory_reference(tmp_path, search):
     clips = fabricated_run(tmp_path)
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, CLUSTERED if search == "clustered" else None)
     decided = decide(cfg, Ledger(tmp_path))
     _, got = Ledger(tmp_path).read()
     got = got.set_index("clip_id")
@@ -74,7 +80,10 @@ def test_decisions_equal_the_in_memory_reference(tmp_path):
     np.testing.assert_allclose(got["dup_similarity"].fillna(-1), want["dup_similarity"].fillna(-1), rtol=1e-9)
     for name in cfg.thresholds:
         assert (got[f"pass_{name}"] == want[f"pass_{name}"]).all()
-    assert decided.funnel[-1] == {"step": "dedup near", "count": int(want["keep"].sum())}
+    near = decided.funnel[-1]
+    assert (near["step"], near["count"]) == ("dedup near", int(want["keep"].sum()))
+    assert near["path"].startswith(f"{search}: ")
+    assert (tmp_path / "clusters" / "centroids.npy").is_file() == (search == "clustered")
     funnel = json.loads((tmp_path / "funnel.json").read_text())
     assert funnel == decided.funnel and funnel[2] == {"step": "clips", "count": len(clips)}
     assert decided.reasons["clip too_short"] == int((clips["status"] == "dropped").sum())
@@ -171,3 +180,35 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(1 if any(compare_once(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000).values()) else 0)
+
+
+def test_exact_dedup_over_several_hash_partitions_equals_the_reference(tmp_path, monkeypatch):
+    import curation.decisions as decisions
+
+    monkeypatch.setattr(decisions, "EXACT_ROWS_PER_TASK", 40)  # ~6 partitions for ~240 clips
+    clips = fabricated_run(tmp_path, seed=5)
+    cfg = config(tmp_path)
+    decide(cfg, Ledger(tmp_path))
+    _, got = Ledger(tmp_path).read()
+    want = reference(clips, cfg).loc[got.set_index("clip_id").index]
+    assert want["decision"].str.startswith("duplicate: exact").sum() > 10
+    for col in COMPARED:
+        assert got[col].fillna("-").astype(str).tolist() == want[col].fillna("-").astype(str).tolist()
+
+
+def test_a_new_near_threshold_reuses_the_clustering_and_equals_the_reference(tmp_path):
+    clips = fabricated_run(tmp_path, seed=2)
+    decide(config(tmp_path, CLUSTERED), Ledger(tmp_path))
+    meta = tmp_path / "clusters" / "clustering.json"
+    trained = meta.read_text(), meta.stat().st_mtime_ns
+    looser = config(tmp_path, {**CLUSTERED, "near_threshold": 0.9})
+    again = decide(looser, Ledger(tmp_path))
+    assert (meta.read_text(), meta.stat().st_mtime_ns) == trained
+    assert "reused" in again.funnel[-1]["path"]
+    _, got = Ledger(tmp_path).read()
+    got = got.set_index("clip_id")
+    want = reference(clips, looser).loc[got.index]
+    for col in COMPARED:
+        pd.testing.assert_series_equal(got[col].fillna("-").astype(str), want[col].fillna("-").astype(str), check_names=False)
+    summary = json.loads((tmp_path / "decisions" / "_summary.json").read_text())
+    assert summary["near_search"] == again.funnel[-1]["path"]
