@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from curation.dedup import DedupConfig
+from curation.ledger import atomic_parquet
 from curation.near_dedup import in_sample, sample_fraction, search, vector_table
 
 ROWS_PER_FILE = 65_536
@@ -57,26 +58,19 @@ def planted(n: int, dim: int, seed: int = 0, dup_fraction: float = 0.1) -> tuple
     return vectors[order], group[order]
 
 
-def write_candidates(folder: Path, vectors: np.ndarray, ids: list[str], rank: np.ndarray,
-                     fraction: float) -> tuple[list[str], list[str]]:
+def write_candidates(folder: Path, vectors: np.ndarray, ids: list[str], rank: np.ndarray, fraction: float,
+                     rows_per_file: int = ROWS_PER_FILE) -> tuple[list[str], list[str]]:
     """Vector files and k-means sample files, as the decision pass writes them."""
     files, samples = [], []
-    (folder / "vectors").mkdir(parents=True, exist_ok=True)
-    (folder / "sample").mkdir(parents=True, exist_ok=True)
-    for i, a in enumerate(range(0, len(ids), ROWS_PER_FILE)):
-        b = min(a + ROWS_PER_FILE, len(ids))
+    for i, a in enumerate(range(0, len(ids), rows_per_file)):
+        b = min(a + rows_per_file, len(ids))
         table = vector_table(pa.array(ids[a:b]), rank[a:b], i % 8, vectors[a:b])
-        path = folder / "vectors" / f"f{i:05d}.parquet"
-        pads.write_dataset(table, path.parent, basename_template=path.stem + "-{i}.parquet", format="parquet",
-                           existing_data_behavior="overwrite_or_ignore")
-        files.append(str(path.parent / f"{path.stem}-0.parquet"))
+        files.append(str(folder / "vectors" / f"f{i:05d}.parquet"))
+        atomic_parquet(Path(files[-1]), table)
         chosen = in_sample(table.column("clip_id"), fraction)
         if chosen.any():
-            spath = folder / "sample" / f"f{i:05d}-0.parquet"
-            pads.write_dataset(table.filter(pa.array(chosen)).select(["clip_id", "vector"]), spath.parent,
-                               basename_template=f"f{i:05d}-{{i}}.parquet", format="parquet",
-                               existing_data_behavior="overwrite_or_ignore")
-            samples.append(str(spath))
+            samples.append(str(folder / "sample" / f"f{i:05d}.parquet"))
+            atomic_parquet(Path(samples[-1]), table.filter(pa.array(chosen)).select(["clip_id", "vector"]))
     return files, samples
 
 

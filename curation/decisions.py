@@ -6,7 +6,7 @@ No frame is decoded and no step holds the ledger in one place:
    `quantile_cont` is numpy's linear percentile), over the score column of the usable clips only;
    whether the scores are comparable (one OCR engine, one CLIP model);
 2. per clips file (a task each): the rules in recipe order -> keep / decision / reason code / pass_<score>;
-   the clips still kept become dedup candidates (`RUN/.decide/candidates/`: id, hash, rank keys, embedding);
+   the clips still kept become dedup candidates (hash and rank key; clip vector), written for step 3;
 3. exact duplicates: the candidates are written hash-partitioned by `content_hash` (`.decide/exact_in/hpart=H/`),
    and a DuckDB window per partition (a task each) picks each hash's survivor (`.decide/exact/`, partitioned by
    bucket); near duplicates: curation/near_dedup.py over the candidates' clip vectors (`.decide/vectors/`):

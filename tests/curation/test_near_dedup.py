@@ -14,16 +14,8 @@ from curation.dedup import DedupConfig
 from curation.near_dedup import CENTROIDS, CLUSTERING, in_sample, sample_fraction, search
 
 
-def _run(folder, vectors, ids, rank, config: DedupConfig, rows_per_file=None):
-    if rows_per_file is not None:
-        import curation.bench_dedup as bd
-
-        old, bd.ROWS_PER_FILE = bd.ROWS_PER_FILE, rows_per_file
-    try:
-        files, samples = write_candidates(folder, vectors, ids, rank, sample_fraction(config, len(ids)))
-    finally:
-        if rows_per_file is not None:
-            bd.ROWS_PER_FILE = old
+def _run(folder, vectors, ids, rank, config: DedupConfig, rows_per_file=65_536):
+    files, samples = write_candidates(folder, vectors, ids, rank, sample_fraction(config, len(ids)), rows_per_file)
     found = search(folder / "near", files, len(ids), config, clusters_dir=folder / "clusters", sample_files=samples,
                    print_="test", num_vectors=len(ids))
     return found, decisions(folder / "near")
