@@ -9,6 +9,7 @@ import sys
 
 from common.checkpoints import MissingCheckpoint
 from common.config import ConfigError
+from training.weights_only import UnsafeCheckpoint
 
 # Module names under jobs.commands, in the order `lvd --help` lists them.
 COMMANDS = ("curate", "report", "ledger", "models", "shards", "precompute", "train", "sample", "bench", "submit", "jobs")
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, MissingCheckpoint) as e:
+    except (ConfigError, MissingCheckpoint, UnsafeCheckpoint) as e:
         print(f"lvd {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

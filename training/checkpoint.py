@@ -11,14 +11,16 @@ in one folder per step, and the `latest` pointer written last.
 
 A kill at any moment leaves `latest` on the previous complete checkpoint: lvd's files are written before
 DeepSpeed's, and `latest` is replaced (atomically, by rank 0) only after every rank has finished writing.
-Everything lvd writes is JSON or safetensors; DeepSpeed's own files are its torch.save pickles, read only by
-DeepSpeed itself from a folder this run (or the previous run of this stage) wrote.
+Everything lvd writes is JSON or safetensors; DeepSpeed's own files are its torch.save pickles, read (by
+DeepSpeed, in this process and in ds_to_universal) with torch's weights-only unpickler only
+(training/weights_only.py): a planted file that would run code is refused with an error naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -28,6 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from training.weights_only import unsafe_checkpoint_error, weights_only_loads
 
 LATEST = "latest"
 STATE_FILE = "lvd_state.json"
@@ -129,21 +133,13 @@ class CheckpointStore:
         return saved["world_size"] != self.world_size and (saved.get("zero_stage", 0) > 0 or zero_stage > 0)
 
     def make_universal(self, tag: str) -> str:
-        """Converts checkpoint `tag` with DeepSpeed's ds_to_universal (rank 0, once; collective wait)."""
+        """Converts checkpoint `tag` to DeepSpeed's universal form (rank 0, once; collective wait)."""
         import torch.distributed as dist
 
         out = tag + UNIVERSAL_SUFFIX
         if self.rank == 0 and not (self.root / out / "zero").is_dir():
             tmp = self.root / (out + ".tmp")
-            workers = min(4, os.cpu_count() or 1)
-            shutil.rmtree(tmp, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(self.root / tag), "--output_folder", str(tmp), "--num_extract_workers", str(workers),
-                   "--num_merge_workers", str(max(1, workers // 2))]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"ds_to_universal failed on {self.root / tag}:\n{done.stdout[-2000:]}\n"
-                                   f"{done.stderr[-4000:]}")
+            convert_to_universal(self.root / tag, tmp)
             shutil.rmtree(self.root / out, ignore_errors=True)
             os.replace(tmp, self.root / out)
         dist.barrier()
@@ -151,8 +147,13 @@ class CheckpointStore:
 
     def load(self, engine: Any, tag: str, universal_tag: str | None) -> dict[str, Any]:
         """Loads DeepSpeed's state (from the universal form when given) and this rank's RNG; returns lvd's state."""
-        path, _ = engine.load_checkpoint(str(self.root), tag=universal_tag or tag, load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        loaded = universal_tag or tag
+        try:
+            with weights_only_loads():
+                path, _ = engine.load_checkpoint(str(self.root), tag=loaded, load_module_strict=True,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+        except pickle.UnpicklingError as e:
+            raise unsafe_checkpoint_error(self.root / loaded) or e
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {universal_tag or tag} in {self.root}")
         state = self.read_state(tag)
@@ -163,3 +164,20 @@ class CheckpointStore:
 
     def ema_file(self, tag: str) -> Path:
         return self.root / tag / EMA_FILE
+
+
+def convert_to_universal(folder: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal on checkpoint `folder`, in a subprocess whose loads are weights-only; writes
+    `out` (replaced). A file the weights-only unpickler refuses fails it with UnsafeCheckpoint, naming the file."""
+    workers = min(4, os.cpu_count() or 1)
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "training.weights_only", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(folder), "--output_folder", str(out), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        unsafe = unsafe_checkpoint_error(folder)
+        if unsafe is not None:
+            raise unsafe
+        raise RuntimeError(f"ds_to_universal failed on {folder}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

@@ -37,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training.run: {e}", file=sys.stderr)
         return 2
     from training.loop import Trainer
+    from training.weights_only import UnsafeCheckpoint
 
-    Trainer(config).run()
+    try:
+        Trainer(config).run()
+    except UnsafeCheckpoint as e:
+        print(f"training.run: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
