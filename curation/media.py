@@ -55,6 +55,15 @@ ALLOWED_DEMUXERS = ("mov,matroska,avi,flv,mpegts,mpeg,ogg,asf,nut,ivf,h264,hevc,
                     "yuv4mpegpipe,mxf,rm,dv,mjpeg")
 _CONTAINER_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ALLOWED_DEMUXERS}
 
+
+def ffmpeg_input_args(path: str, info: VideoInfo) -> list[str]:
+    """The input of an ffmpeg command line that reads a probed video: the probe's demuxer, forced, under the
+    probe's allow-lists. ffmpeg would otherwise probe the file again on its own, with another build of the
+    libraries than PyAV's, and could pick a demuxer that opens files named inside it (a concat list renamed
+    .mp4, or a file swapped after the probe). `file:` keeps a name like `concat:a|b` a plain path."""
+    return ["-protocol_whitelist", "file", "-format_whitelist", ALLOWED_DEMUXERS, "-f", info.demuxer,
+            "-i", f"file:{path}"]
+
 # Probe gives up looking for a first frame after this many packets (a real stream needs a handful).
 _PROBE_MAX_PACKETS = 256
 # decode_frames judges the corrupt fraction only once it has seen this many packets, so one bad packet
@@ -96,6 +105,7 @@ class VideoInfo:
     variable_frame_rate: bool  # from the container (average vs nominal rate); DecodeStats refines it
     has_audio: bool
     size_bytes: int
+    demuxer: str  # ffmpeg's name of the demuxer that opened it (one of ALLOWED_DEMUXERS), for ffmpeg_input_args
 
     def size_for_short_side(self, short_side: int) -> tuple[int, int]:
         """(width, height) in display orientation with the short side `short_side`; never upscaled."""
@@ -190,6 +200,7 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAU
             rotation=rotation, sar=sar, fps=fps, duration_s=duration_s, num_frames=num_frames,
             start_time_s=float(start_time_s), variable_frame_rate=_container_says_vfr(stream),
             has_audio=len(container.streams.audio) > 0, size_bytes=size_bytes,
+            demuxer=container.format.name.split(",")[0],
         )
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from curation.config import CurationConfig
 from curation.cuts import CutDetector, clip_spans
 from curation.inputs import is_url
-from curation.media import DecodeStats, MediaError, VideoInfo, decode_frames, probe, read_frames
+from curation.media import (DecodeStats, MediaError, VideoInfo, decode_frames, ffmpeg_input_args, probe,
+                            read_frames)
 from curation.motion import MotionAnalyzer, clip_motion, motion_bucket
 
 
@@ -148,7 +149,7 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
         out.clips.append(row)
 
     if config.clips.mode != "none":
-        _write_clip_files(prepared.local_path, out.clips, Path(run_dir) / "clips" / video_id, config)
+        _write_clip_files(prepared.local_path, info, out.clips, Path(run_dir) / "clips" / video_id, config)
     video.update(status="ok" if usable else "no_clips",
                  reason=None if usable else (spans[0].drop_reason if spans else "no_clips: no frames"),
                  num_clips=len(spans), num_usable_clips=len(usable), process_s=round(time.monotonic() - t0, 3))
@@ -280,12 +281,14 @@ def _write_thumbnail(key_frames_jpeg: list[bytes], run_dir: Path, video_id: str,
     return rel.as_posix()
 
 
-def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config: CurationConfig) -> None:
+def _write_clip_files(local_path: str, info: VideoInfo, clips: list[dict], out_dir: Path,
+                      config: CurationConfig) -> None:
     """One ffmpeg per usable clip; written under a temporary name, then renamed, so a killed run
     leaves no half-written clip behind under a final name."""
     import imageio_ffmpeg
 
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    source = ffmpeg_input_args(local_path, info)
     out_dir.mkdir(parents=True, exist_ok=True)
     for row in clips:
         if row["status"] != "ok":
@@ -294,12 +297,12 @@ def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config:
         tmp = out_dir / f".{row['clip_id']}.tmp.mp4"
         if config.clips.mode == "copy":
             # input seeking with stream copy starts at the keyframe at or before start_s (SVD's cut)
-            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
+            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", *source,
                     "-t", f"{row['duration_s']:.6f}", "-map", "0:v:0", "-c", "copy", "-an", "-sn", "-dn",
                     "-avoid_negative_ts", "make_zero", str(tmp)]
         else:
             # accurate seek, then exactly the clip's frames, re-encoded
-            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
+            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", *source,
                     "-map", "0:v:0", "-frames:v", str(row["num_frames"]), "-c:v", "libx264",
                     "-preset", config.clips.preset, "-crf", str(config.clips.crf), "-pix_fmt", "yuv420p",
                     "-an", "-sn", "-dn", str(tmp)]
