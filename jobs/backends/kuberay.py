@@ -6,8 +6,11 @@ when the RayJob goes); lvd itself comes from the image. Inputs and outputs must 
 object storage (s3://, gs://) or PersistentVolumeClaims mounted with --volume CLAIM:PATH.
 
 The manifest turns on Ray token authentication (`authOptions: {mode: token}`, KubeRay >= 1.5.1, Ray >= 2.52):
-the operator generates the token and hands it to every Ray container. The dashboard must listen on the pod
-network there, because the operator and the submitter reach it through the head service.
+the operator generates the token and hands it to every Ray container. The head's dashboard (the Jobs API)
+is set to listen on the pod network (`dashboard-host: 0.0.0.0`) explicitly rather than by the operator's
+default: the operator and the submitter Job reach it through the head Service, so loopback would break
+the job, and saying it here keeps it visible that the token is what guards it (`--ray-auth none` leaves
+it open to every pod that can reach the Service; use it only with a NetworkPolicy or an older operator).
 """
 
 from __future__ import annotations
@@ -154,7 +157,9 @@ class RayJobManifest:
         cluster: dict = {
             "rayVersion": _ray_version(),
             # Work goes to the workers; the head runs Ray's control plane and the lvd driver.
-            "headGroupSpec": {"rayStartParams": {"num-cpus": "0"},
+            # dashboard-host: the operator and the submitter reach the Jobs API through the head Service (see
+            # the module docstring); the token guards it
+            "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                               "template": self._pod("ray-head", o.head_cpus, o.head_mem, 0, head_ports)},
             "workerGroupSpecs": [{
                 "groupName": "workers", "replicas": o.nodes, "minReplicas": o.nodes, "maxReplicas": o.nodes,

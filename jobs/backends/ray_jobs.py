@@ -9,12 +9,14 @@ Token authentication (Ray >= 2.52; `ray start` turns it on when ~/.ray/auth_toke
 default): lvd finds the token the way Ray does, RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH, then
 ~/.ray/auth_token, and sends it as a bearer header. The default file is sent only to a loopback address
 (a cluster started on this machine) unless RAY_AUTH_MODE=token says it belongs to the remote cluster too:
-a token is a credential, and a mistyped --address should not receive it.
+a token is a credential, and a mistyped --address should not receive it. A token sent to another machine
+over plain http (readable on the way) gets a one-line warning; https or a tunnel to loopback does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -99,8 +101,20 @@ def auth_token(address: str) -> tuple[str | None, str]:
 
 
 def auth_headers(address: str) -> dict[str, str]:
-    token, _ = auth_token(address)
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    token, source = auth_token(address)
+    if not token:
+        return {}
+    if urlsplit(address).scheme != "https" and not _is_loopback(address):
+        _warn_clear_text(address, source)
+    return {"Authorization": f"Bearer {token}"}
+
+
+@functools.cache  # once per address and process (`lvd jobs list --refresh` asks one cluster many times)
+def _warn_clear_text(address: str, source: str) -> None:
+    print(f"warning: sending the Ray auth token ({source}) to {address} over plain http: anyone on the network "
+          "path can read it and run code on the cluster. Use an https:// address (TLS in front of the dashboard) "
+          "or an SSH tunnel (ssh -L 8265:127.0.0.1:8265 HEAD, then --address http://127.0.0.1:8265)",
+          file=sys.stderr)
 
 
 def _auth_help(address: str, status: int) -> str:

@@ -3,8 +3,11 @@ squeue/scontrol/sacct and the job's output file.
 
 What the script runs, by the command's launch (jobs/submit.py):
   ray     a Ray cluster inside the allocation (head on the first node, one worker per other node, each a
-          `srun ... ray start --block` step; token auth with a fresh per-job token; dashboard on 127.0.0.1),
-          then the lvd command with --address HEAD_IP:PORT. Steps are stopped when the script exits.
+          `srun ... ray start --block` step; dashboard on 127.0.0.1), then the lvd command with --address
+          HEAD_IP:PORT. Steps are stopped when the script exits. Token auth with a fresh per-job token, in a
+          file only the job's user can read (0600, in the job's log folder on the shared filesystem, removed at
+          exit); only Ray's steps and the lvd command are told its path (RAY_AUTH_TOKEN_PATH), the token itself
+          is in no environment, so the prolog and --env commands never see it.
   torch   `srun` one task per node running torchrun (c10d rendezvous at the first node, id = the job id), or
           the DeepSpeed launcher (deepspeed.launcher.launch per node with the allocation's world info).
   single  the lvd command, once, on the first node.
@@ -209,27 +212,30 @@ class SlurmScript:
             "ray_port=$((20000 + SLURM_JOB_ID % 10000))",
             "dashboard_port=$((30000 + SLURM_JOB_ID % 10000))",
             'ray_tmp="/tmp/lvd-ray-$SLURM_JOB_ID"  # short: Ray\'s socket paths must stay under 107 characters',
-            "# a fresh token for this cluster only; srun passes the environment on to every node",
-            "export RAY_AUTH_MODE=token",
-            "export RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(32))')",
+            "# a fresh token for this cluster only, in a file only this user can read, on the shared filesystem",
+            "# (workers on the other nodes read it); only Ray's steps and the lvd command are given its path",
+            f'ray_token={_q(self.log_dir)}/.ray-token-"$SLURM_JOB_ID"',
             "ray_steps=()",
-            'stop_ray() { kill "${ray_steps[@]}" 2>/dev/null || true; wait || true; rm -rf "$ray_tmp"; }',
+            'stop_ray() { kill "${ray_steps[@]}" 2>/dev/null || true; wait || true; rm -rf "$ray_tmp" "$ray_token"; }',
             "trap stop_ray EXIT",
-            f'srun --nodes=1 --ntasks=1{steps} -w "$head_node" \\',
+            f"(umask 077 && mkdir -p {_q(self.log_dir)} && "
+            "python -c 'import secrets; print(secrets.token_hex(32), end=\"\")' > \"$ray_token\")",
+            'ray_auth=(RAY_AUTH_MODE=token "RAY_AUTH_TOKEN_PATH=$ray_token")',
+            f'env "${{ray_auth[@]}}" srun --nodes=1 --ntasks=1{steps} -w "$head_node" \\',
             '    ray start --head --block --node-ip-address="$head_ip" --port="$ray_port" \\',
             '    --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" \\',
             f'    --num-cpus="$node_cpus"{gpus} --temp-dir="$ray_tmp" &',
             "ray_steps+=($!)",
-            "python -m jobs.backends.slurm wait-for-ray \"$head_ip:$ray_port\" 1 600",
+            'env "${ray_auth[@]}" python -m jobs.backends.slurm wait-for-ray "$head_ip:$ray_port" 1 600',
             'for node in "${nodes[@]:1}"; do',
-            f'    srun --nodes=1 --ntasks=1{steps} -w "$node" \\',
+            f'    env "${{ray_auth[@]}}" srun --nodes=1 --ntasks=1{steps} -w "$node" \\',
             '        ray start --block --address="$head_ip:$ray_port" \\',
             f'        --num-cpus="$node_cpus"{gpus} --temp-dir="$ray_tmp" &',
             "    ray_steps+=($!)",
             "done",
-            'python -m jobs.backends.slurm wait-for-ray "$head_ip:$ray_port" "${#nodes[@]}" 600',
+            'env "${ray_auth[@]}" python -m jobs.backends.slurm wait-for-ray "$head_ip:$ray_port" "${#nodes[@]}" 600',
             "",
-            '"${lvd_cmd[@]}" --address "$head_ip:$ray_port"',
+            'env "${ray_auth[@]}" "${lvd_cmd[@]}" --address "$head_ip:$ray_port"',
         ]
 
     def launch_torch(self) -> list[str]:

@@ -1,5 +1,6 @@
 """Stand-ins for cluster tools (srun, scontrol, sbatch, kubectl, ...) that record the exact argument list
-they were called with, so tests can check what a generated script or a backend really executes."""
+they were called with (and the RAY_AUTH* variables they were given, with the token file's mode and text), so
+tests can check what a generated script or a backend really executes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ import json, os, sys
 name = os.path.basename(sys.argv[0])
 args = sys.argv[1:]
 stdin = sys.stdin.read() if "-" in args else ""  # `kubectl create -f -` reads the manifest from stdin
+record = {{"cmd": [name, *args], "stdin": stdin,
+          "env": {{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}}}}
+token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+if token_path and os.path.isfile(token_path):  # what a token file holds and who may read it, while in use
+    with open(token_path) as t:
+        record["token_file"] = {{"mode": oct(os.stat(token_path).st_mode & 0o777), "text": t.read()}}
 with open(os.environ["STUB_LOG"], "a") as f:
-    f.write(json.dumps({{"cmd": [name, *args], "stdin": stdin}}) + "\n")
+    f.write(json.dumps(record) + "\n")
 answers = json.loads(os.environ.get("STUB_ANSWERS", "{{}}"))
 key = " ".join([name, *args])
 for prefix in sorted(answers, key=len, reverse=True):

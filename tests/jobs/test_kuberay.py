@@ -68,6 +68,8 @@ def test_curation_rayjob_ships_the_recipe_and_joins_its_cluster(project, capsys)
         "lvd", "curate", "/lvd/recipe/recipe.yaml", "--set", "output=/data/runs/it's here", "--address", "auto"]
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"} and cluster["rayVersion"].startswith("2.")
+    # the Jobs API listens on the pod network on purpose (the operator reaches it through the head Service)
+    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
     worker = workers["template"]["spec"]

@@ -46,6 +46,11 @@ def _train_spec() -> JobSpec:
 
 def _run_script(text: str, tmp_path: Path, nodes: list[str], cpus: int = 16) -> list[list[str]]:
     """Runs a generated script with stand-ins for the cluster tools; returns the commands it executed."""
+    return [c["cmd"] for c in _run_script_calls(text, tmp_path, nodes, cpus)]
+
+
+def _run_script_calls(text: str, tmp_path: Path, nodes: list[str], cpus: int = 16) -> list[dict]:
+    """Runs a generated script with stand-ins for the cluster tools; returns what each call recorded."""
     stubs = make_stubs(tmp_path / "stubs", ["srun", "scontrol", "hostname", "python", "lvd"])
     script = tmp_path / "job.sbatch"
     script.write_text(text)
@@ -57,11 +62,12 @@ def _run_script(text: str, tmp_path: Path, nodes: list[str], cpus: int = 16) -> 
         "python -c": ("t0ken\n", 0),
         "python -m jobs.backends.slurm world-info": ("V09STEQ=\n", 0),
     })
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     env.update(SLURM_JOB_ID=FAKE_JOB_ID, SLURM_JOB_NODELIST="n[1-3]", SLURM_NNODES=str(len(nodes)),
                SLURM_CPUS_ON_NODE=str(cpus))
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return [c["cmd"] for c in calls(log)]
+    return calls(log)
 
 
 def _script(spec: JobSpec, tmp_path: Path, **options) -> str:
@@ -94,6 +100,25 @@ def test_curation_script_starts_ray_in_the_allocation_then_the_pipeline(project,
     assert lvd == [["lvd", "curate", "recipe.yaml", "--set", f"output={HOSTILE}", "--no-progress", "--address", gcs]]
     assert cmds.index(lvd[0]) > cmds.index(waits[-1])
     assert not list(tmp_path.rglob("pwned")) and not (Path.cwd() / "pwned").exists()
+
+
+def test_the_ray_token_is_a_private_file_given_only_to_rays_steps_and_the_lvd_command(project, tmp_path):
+    prolog = tmp_path / "prolog.sh"
+    prolog.write_text("scontrol show config\n")  # stands for `module load ...`: must not see the token
+    spec = prepare(["curate", "recipe.yaml"], env={"NOTE": "x"})
+    text = _script(spec, tmp_path, nodes=3, prolog=str(prolog))
+    assert "RAY_AUTH_TOKEN=" not in text  # the token itself is in no environment, only the file's path
+    records = _run_script_calls(text, tmp_path, ["n1", "n2", "n3"])
+    token = tmp_path / "logs" / f".ray-token-{FAKE_JOB_ID}"
+    given = [r for r in records if r["env"]]
+    assert sorted(r["cmd"][0] for r in given) == ["lvd", "python", "python", "srun", "srun", "srun"]
+    assert all(r["cmd"][0] != "srun" or "ray" in r["cmd"] for r in given)  # the Ray steps, nothing else
+    for r in given:
+        assert r["env"] == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}, r
+        assert r["token_file"] == {"mode": "0o600", "text": "t0ken\n"}, r  # made by `python -c` (stubbed)
+    others = [r["cmd"][:2] for r in records if not r["env"]]
+    assert ["scontrol", "show"] in others and ["python", "-c"] in others and ["hostname", "--ip-address"] in others
+    assert not token.exists()  # removed when the job script exits
 
 
 def test_script_environment_is_quoted_and_exported(project, tmp_path):

@@ -166,6 +166,25 @@ def test_token_for_a_local_cluster_comes_from_the_default_file(tmp_path, monkeyp
     assert auth_token("http://127.0.0.1:8265")[0] is None
 
 
+def test_a_token_sent_over_plain_http_to_another_machine_gets_one_warning(monkeypatch, capsys):
+    from jobs.backends.ray_jobs import auth_headers
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret")
+    for address in ("https://head.example:8443", "http://127.0.0.1:8265", "http://[::1]:8265", "http://localhost:8265"):
+        assert auth_headers(address) == {"Authorization": "Bearer s3cret"}
+    assert capsys.readouterr().err == ""
+    for _ in range(2):
+        assert auth_headers("http://10.1.2.3:8265") == {"Authorization": "Bearer s3cret"}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: sending the Ray auth token (RAY_AUTH_TOKEN) to "
+                                                   "http://10.1.2.3:8265 over plain http")
+    assert "https://" in err and "s3cret" not in err
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    assert auth_headers("http://10.9.9.9:8265") == {} and capsys.readouterr().err == ""  # no token, nothing sent
+
+
 def test_a_job_name_must_suit_every_backend(project, capsys):
     assert main(["submit", "--backend", "slurm", "--dry-run", "--name", "Bad Name", "--",
                  "curate", "recipe.yaml"]) == 2
