@@ -17,6 +17,7 @@ import logging
 import math
 import shutil
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, resolve
+from common.local_ray import local_ray
 from curation.config import CurationConfig
 from curation.decisions import decide
 from curation.inputs import Item, list_task
@@ -131,6 +133,7 @@ class ray_session:
     def __init__(self, config: CurationConfig, address: str | None, run_dir: Path, verbose: bool = False) -> None:
         self.config, self.address, self.run_dir, self.verbose = config, address, run_dir, verbose
         self.started = False
+        self.stack = ExitStack()  # shuts down the Ray this run started
         self.handler: logging.Handler | None = None
         self.saved: list[tuple[logging.Handler, int]] = []
 
@@ -154,9 +157,10 @@ class ray_session:
             level = logging.INFO if self.verbose else logging.WARNING
             if self.address:
                 ray.init(address=self.address, logging_level=level, log_to_driver=self.verbose)
+                self.stack.callback(ray.shutdown)
             else:
-                ray.init(address="local", num_cpus=self.config.ray.num_cpus, include_dashboard=False,
-                         logging_level=level, log_to_driver=self.verbose)
+                self.stack.enter_context(local_ray(num_cpus=self.config.ray.num_cpus, include_dashboard=False,
+                                                   logging_level=level, log_to_driver=self.verbose))
             self.started = True
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar of ours, counted in videos, is what people read
@@ -165,10 +169,7 @@ class ray_session:
         return self.started
 
     def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        if self.started:
-            ray.shutdown()
+        self.stack.close()
         if self.handler is not None:
             for h, level in self.saved:
                 h.setLevel(level)

@@ -4,7 +4,7 @@ clean tear-down.
 The same code runs under every launcher: one local process, `torchrun` (also what a Slurm job runs), the
 DeepSpeed launcher, and Ray Train's TorchTrainer. Each sets RANK / WORLD_SIZE / LOCAL_RANK and a rendezvous
 (MASTER_ADDR / MASTER_PORT) or has already initialised torch.distributed (Ray); `init_process_group` accepts
-either, and a bare single process gets a loopback rendezvous of its own.
+either, and a bare single process gets a world of its own that listens on loopback only.
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def loopback_interface() -> str | None:
+    """The name of the network interface holding 127.0.0.1 (lo on Linux, lo0 on macOS), if any."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return name
+    return None
+
+
 def pick_device(config: TrainConfig, local_rank: int) -> torch.device:
     want = config.device
     if want == "auto":
@@ -58,10 +68,15 @@ def init_process_group(config: TrainConfig) -> DistContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ:  # torchrun, the DeepSpeed launcher, Slurm via torchrun: env:// rendezvous
             dist.init_process_group(backend=backend)
-        else:  # a plain `python -m training.run` (or a test): a world of one on loopback
+        else:  # a plain `python -m training.run` (or a test): a world of one, reachable from nowhere
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine asserts it is set
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                    world_size=1)
+            # gloo listens on the address the hostname resolves to (often the network's); this world of one
+            # talks only to itself
+            loopback = loopback_interface()
+            if backend == "gloo" and loopback:
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+            # an in-memory store: a TCP store's server would listen on every interface
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         created = True
     skip_cpu_shm_comm(config)
     import deepspeed

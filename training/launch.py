@@ -9,10 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.local_ray import local_ray
 from training.train_config import TrainConfig
 
 
@@ -132,17 +134,17 @@ def run_ray(config: TrainConfig, num_workers: int, address: str | None = None, u
     import torch
 
     gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-    started = False
-    if not ray.is_initialized():
-        # Ray Train's print patch would log every metrics line a second time through its logger.
-        runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-        if address:
-            ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
-        else:
-            ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 1), include_dashboard=False,
-                     logging_level="WARNING", runtime_env=runtime_env)
-        started = True
-    try:
+    with ExitStack() as started:  # shuts down the Ray this call started
+        if not ray.is_initialized():
+            # Ray Train's print patch would log every metrics line a second time through its logger.
+            runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+            if address:
+                ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
+                started.callback(ray.shutdown)
+            else:
+                started.enter_context(local_ray(num_cpus=max(num_workers + 1, os.cpu_count() or 1),
+                                                include_dashboard=False, logging_level="WARNING",
+                                                runtime_env=runtime_env))
         output = Path(config.output).resolve()
         config = config.model_copy(update={"output": str(output)})
         trainer = TorchTrainer(
@@ -152,6 +154,3 @@ def run_ray(config: TrainConfig, num_workers: int, address: str | None = None, u
             run_config=RunConfig(name=config.name, storage_path=storage_path or str(output / "ray"),
                                  failure_config=FailureConfig(max_failures=max_failures)))
         return trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()

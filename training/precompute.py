@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,7 @@ from typing import Literal
 import pydantic
 
 from common.config import Config
+from common.local_ray import local_ray
 
 
 class PrecomputeConfig(Config):
@@ -158,18 +160,15 @@ def precompute(config: PrecomputeConfig, address: str | None = None) -> Precompu
 def _encode_on_ray(config: PrecomputeConfig, work: str, address: str | None) -> int:
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, logging_level="WARNING")
-        else:
-            ray.init(address="local", num_cpus=max(config.workers, 1), include_dashboard=False, logging_level="WARNING")
-        started = True
-    try:
+    with ExitStack() as started:  # shuts down the Ray this call started
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, logging_level="WARNING")
+                started.callback(ray.shutdown)
+            else:
+                started.enter_context(local_ray(num_cpus=max(config.workers, 1), include_dashboard=False,
+                                                logging_level="WARNING"))
         task = ray.remote(num_cpus=1, num_gpus=config.num_gpus)(encode_part)
         # the work folder must be storage every task sees (here: local Ray, or a shared file system)
         return sum(ray.get([task.remote(config, k, config.workers, work) for k in range(config.workers)]))
-    finally:
-        if started:
-            ray.shutdown()
 
