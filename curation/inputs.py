@@ -7,8 +7,12 @@ task walks at most `MAX_DIRS_PER_TASK` folders, so a tree of millions of files f
 
 What counts as an input video: every file named directly (whatever its extension: wrong extensions are
 common) or listed in a list file, and every file with a video extension inside a folder, glob or URL
-prefix. Other files in a folder (licences, READMEs) are not videos: they are counted, not listed. Whether a
-named file exists is checked by the decode actor, which writes the reason into the ledger.
+prefix. Other files in a folder (licences, READMEs) are not videos: they are counted, not listed.
+
+Missing inputs: the entries of the recipe's `inputs` (few) are checked before any work by `check_paths`,
+and one that does not exist is an error unless `inputs_missing: record`. Entries of list files (up to
+millions) are never stat'ed on the driver: the decode actor records a missing one as `not_found` in the
+ledger, as it does every top-level entry under `inputs_missing: record`.
 """
 
 from __future__ import annotations
@@ -178,6 +182,65 @@ def _expand_url(url: str, extensions: list[str], out: Expansion) -> None:
             out.sources.append((name if "://" in name else fs.unstrip_protocol(name), None))
         else:
             out.num_ignored += 1
+
+
+def check_paths(inputs: list[str], output: str, missing: str = "error", local: bool = True) -> None:
+    """Refuses, before any work, what would make a run useless or harmful: no inputs, an output that is a file
+    or lies inside an input folder (a re-run would curate its own clips), and (with `missing` "error") a
+    recipe input that does not exist. `local` False (a cluster run) skips the existence checks, since the
+    cluster's filesystems may differ from the driver's. Raises ConfigError naming the path and the fix."""
+    from common.config import ConfigError
+
+    if not inputs:
+        raise ConfigError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
+    if is_url(output):
+        return
+    out = Path(os.path.expanduser(output)).absolute()
+    if local and out.exists() and not out.is_dir():
+        raise ConfigError(f"output {output} is an existing file, not a folder; choose a new or existing folder "
+                          "path (--set output=runs/NAME)")
+    for name in inputs:
+        if is_url(name) or name.startswith("@"):
+            continue
+        folder = _folder_of(name.removeprefix("file://"))
+        if folder is not None and _inside(out, folder):
+            raise ConfigError(f"output {output} is inside input folder {name}: a re-run would curate its own clips; "
+                              "put the output outside the inputs (--set output=...)")
+    if local and missing == "error":
+        absent = [n for n in inputs if not _exists(n)]
+        if absent:
+            raise ConfigError(f"input{'s' if len(absent) > 1 else ''} {', '.join(absent)} "
+                              f"{'do' if len(absent) > 1 else 'does'} not exist (nothing was decoded); fix the "
+                              "path, or set inputs_missing: record to record missing inputs in the ledger and go on")
+
+
+def _folder_of(name: str) -> Path | None:
+    """The folder an input name walks: itself, or a glob's fixed leading part; None for a file or list file."""
+    path = os.path.expanduser(name)
+    if GLOB_CHARS & set(path):
+        fixed = []
+        for part in Path(path).parts:
+            if GLOB_CHARS & set(part):
+                break
+            fixed.append(part)
+        return Path(*fixed).absolute() if fixed else Path.cwd()
+    return Path(path).absolute() if os.path.isdir(path) else None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
+def _exists(name: str) -> bool:
+    """Whether a recipe input names something: a URL is left to its listing task (which records what it finds),
+    a glob must match at least one path (the first match is enough), anything else must exist."""
+    if is_url(name):
+        return True
+    path = os.path.expanduser(name.removeprefix("file://").removeprefix("@"))
+    if GLOB_CHARS & set(path):
+        return next(glob.iglob(path, recursive=True), None) is not None
+    return os.path.lexists(path)
 
 
 def input_table(sources: list[tuple[str, str | None]], num_buckets: int) -> pa.Table:

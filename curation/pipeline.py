@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, resolve
 from curation.config import CurationConfig
 from curation.decisions import decide
-from curation.inputs import Item, list_task
+from curation.inputs import Item, check_paths, list_task
 from curation.ledger import Ledger
 from curation.tasks import call_task
 
@@ -91,8 +91,7 @@ def run_curation(config: CurationConfig, address: str | None = None, progress: b
                  decoder: type | None = None) -> Summary:
     """Lists the inputs, curates the videos not yet in the ledger, and decides the whole run.
     `decoder` replaces the decode actor (benchmarks fabricate rows with it)."""
-    if not config.inputs:
-        raise ValueError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
+    check_paths(config.inputs, config.output, config.inputs_missing, local=address is None)
     found = check_models(config)
     stand_ins = random_stand_ins(found)
     _write_models_used(Path(config.output), config, found)
