@@ -38,6 +38,9 @@ class DecodeConfig(Config):
     timeout_s: float = 60.0        # per video: timeout_s + timeout_per_video_s * duration
     timeout_per_video_s: float = 2.0
     probe_timeout_s: float = 30.0
+    # a decode with no new frame for this long ends (decode_timeout): the limit above trusts the declared
+    # duration, which a lying header can stretch to hours
+    stall_timeout_s: float = 30.0
     max_pixels: int = 4096 * 4096  # larger frames are refused (a decompression bomb costs memory per frame)
     num_workers: int | None = None  # decode actors; None = as many as fit beside the stage actors
     num_cpus: float = 1.0           # Ray CPUs each decode actor reserves (below 1 packs them beside light stages)
@@ -57,7 +60,7 @@ class DecodeConfig(Config):
                              "seconds fall back to an exact read, so use e.g. 4")
         return v
 
-    @pydantic.field_validator("timeout_s", "probe_timeout_s")
+    @pydantic.field_validator("timeout_s", "probe_timeout_s", "stall_timeout_s")
     @classmethod
     def _positive_time(cls, v: float) -> float:
         if v <= 0:

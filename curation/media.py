@@ -35,6 +35,8 @@ import av
 import av.error
 import numpy as np
 
+from curation.isolation import heartbeat
+
 # 8K UHD: anything larger is far beyond what training uses, and a huge declared size in a tiny file is
 # how a decompression bomb asks for gigabytes per frame.
 DEFAULT_MAX_PIXELS = 7680 * 4320
@@ -536,6 +538,7 @@ def _decoded(container: av.container.InputContainer, stream: av.video.stream.Vid
             stats.num_frames += 1
             stats.num_concealed += bool(frame.is_corrupt)
             stats.times_s.append(time_s)
+            heartbeat()  # progress for the isolated worker's stall limit
             yield time_s, raw_s, frame
     if stats.num_packets and stats.corrupt_fraction > max_corrupt_fraction:
         raise MediaError(f"decode_error: {stats.num_corrupt} of {stats.num_packets} packets failed "

@@ -23,6 +23,7 @@ import numpy as np
 from curation.config import CurationConfig
 from curation.cuts import CutDetector, clip_spans
 from curation.inputs import is_url
+from curation.isolation import heartbeat
 from curation.media import DecodeStats, MediaError, VideoInfo, decode_frames, probe, read_frames
 from curation.motion import MotionAnalyzer, clip_motion, motion_bucket
 
@@ -122,6 +123,7 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
 
     out = VideoOutput(video)
     for n, span in enumerate(spans):
+        heartbeat()
         clip_id = f"{video_id}-{n:04d}"
         row = clip_row(clip_id, video_id, source, n, span, times, fps, info)
         if span.drop_reason is None:
@@ -290,6 +292,7 @@ def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config:
     for row in clips:
         if row["status"] != "ok":
             continue
+        heartbeat()
         final = out_dir / f"{row['clip_id']}.mp4"
         tmp = out_dir / f".{row['clip_id']}.tmp.mp4"
         if config.clips.mode == "copy":
