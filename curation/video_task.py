@@ -284,7 +284,9 @@ def _write_thumbnail(key_frames_jpeg: list[bytes], run_dir: Path, video_id: str,
 
 def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config: CurationConfig) -> None:
     """One ffmpeg per usable clip; written under a temporary name, then renamed, so a killed run
-    leaves no half-written clip behind under a final name."""
+    leaves no half-written clip behind under a final name. Clips are always H.264-or-copied .mp4: a codec mp4
+    cannot hold (GIF, QuickTime RLE, ...) makes a copy fail, and that clip is re-encoded instead, so no
+    decodable video loses its clips and shards always carry real mp4."""
     import imageio_ffmpeg
 
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
@@ -295,21 +297,52 @@ def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config:
         heartbeat()
         final = out_dir / f"{row['clip_id']}.mp4"
         tmp = out_dir / f".{row['clip_id']}.tmp.mp4"
-        if config.clips.mode == "copy":
-            # input seeking with stream copy starts at the keyframe at or before start_s (SVD's cut)
-            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
-                    "-t", f"{row['duration_s']:.6f}", "-map", "0:v:0", "-c", "copy", "-an", "-sn", "-dn",
-                    "-avoid_negative_ts", "make_zero", str(tmp)]
-        else:
-            # accurate seek, then exactly the clip's frames, re-encoded
-            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
-                    "-map", "0:v:0", "-frames:v", str(row["num_frames"]), "-c:v", "libx264",
-                    "-preset", config.clips.preset, "-crf", str(config.clips.crf), "-pix_fmt", "yuv420p",
-                    "-an", "-sn", "-dn", str(tmp)]
-        result = subprocess.run(args, capture_output=True, text=True)
-        if result.returncode != 0 or not tmp.exists() or tmp.stat().st_size == 0:
+        # each next mode is the fallback for media the one before cannot cut (see _clip_args)
+        modes = ("copy", "reencode", "frames") if config.clips.mode == "copy" else ("reencode", "frames")
+        errors = []
+        for mode in modes:
+            result = subprocess.run(_clip_args(ffmpeg, local_path, row, mode, config, tmp), capture_output=True,
+                                    text=True)
+            if result.returncode == 0 and _has_frames(tmp):
+                break
             tmp.unlink(missing_ok=True)
-            row.update(status="failed", reason=f"clip_file: ffmpeg failed: {result.stderr.strip()[-200:]}")
+            errors.append(f"{mode}: {result.stderr.strip()[-200:] or 'no video frames written'}")
+        else:
+            row.update(status="failed", reason=f"clip_file: ffmpeg failed: {'; '.join(errors)}")
             continue
         os.replace(tmp, final)
         row["clip_path"] = str(final)
+
+
+def _has_frames(path: Path) -> bool:
+    """Whether a clip file ffmpeg wrote holds video frames: a stream copy can exit 0 and write none (timestamps
+    it cannot place, e.g. a start below zero)."""
+    import av
+
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    try:
+        with av.open(str(path)) as clip:
+            return any((s.frames or 0) > 0 for s in clip.streams.video)
+    except (av.error.FFmpegError, OSError):
+        return False
+
+
+def _clip_args(ffmpeg: str, local_path: str, row: dict, mode: str, config: CurationConfig, out: Path) -> list[str]:
+    """The ffmpeg command (a list, never a shell string) cutting one clip to `out`. copy: packets from the key
+    frame at or before the start; reencode: exactly the clip's frames, found by a seek to its start time; frames:
+    the clip's frames by decode index from the file's start (slow, for timestamps a seek cannot use)."""
+    even = "scale=trunc(iw/2)*2:trunc(ih/2)*2"  # H.264 in 4:2:0 needs even sides
+    encode = ["-c:v", "libx264", "-preset", config.clips.preset, "-crf", str(config.clips.crf), "-pix_fmt", "yuv420p",
+              "-an", "-sn", "-dn", str(out)]
+    if mode == "frames":
+        pick = f"select=between(n\\,{row['start_frame']}\\,{row['end_frame'] - 1}),setpts=N/({row['fps']:.6f})/TB"
+        return [ffmpeg, "-v", "error", "-y", "-i", local_path, "-map", "0:v:0", "-vf", f"{pick},{even}",
+                "-fps_mode", "passthrough", "-frames:v", str(row["num_frames"]), *encode]
+    if mode == "copy":
+        # input seeking with stream copy starts at the keyframe at or before start_s (SVD's cut)
+        return [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
+                "-t", f"{row['duration_s']:.6f}", "-map", "0:v:0", "-c", "copy", "-an", "-sn", "-dn",
+                "-avoid_negative_ts", "make_zero", str(out)]
+    return [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", "-i", local_path,
+            "-map", "0:v:0", "-frames:v", str(row["num_frames"]), "-vf", even, *encode]
