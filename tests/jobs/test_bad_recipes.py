@@ -98,3 +98,14 @@ def test_a_recipe_given_to_the_wrong_command_says_which_command_it_is_for(capsys
     # one misspelt key is still a did-you-mean, not "another command's recipe"
     err = _refused(capsys, ["curate", CURATE, "--set", "decod.short_side=64"])
     assert "decod: unknown key; did you mean decode?" in err
+
+
+def test_inputs_missing_record_lists_the_missing_input_in_the_ledger_and_goes_on(tmp_path, capsys):
+    from curation.ledger import Ledger
+
+    missing = tmp_path / "nope.mp4"
+    out = tmp_path / "run"
+    assert lvd(["curate", CURATE, "--no-progress", "--set", f"inputs=[{missing}]", "--set", f"output={out}",
+                "--set", "inputs_missing=record", "--set", "ray.num_cpus=1"]) == 0
+    videos, _ = Ledger(out).read()
+    assert videos[["source", "status", "reason"]].values.tolist() == [[str(missing), "skipped", "not_found: no such file"]]
