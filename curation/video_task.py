@@ -300,18 +300,36 @@ def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config:
         # each next mode is the fallback for media the one before cannot cut (see _clip_args)
         modes = ("copy", "reencode", "frames") if config.clips.mode == "copy" else ("reencode", "frames")
         errors = []
+        # the clip's real (decoded) length sets the limit, as the video's declared one does for the decode
+        limit_s = config.decode.timeout_s + config.decode.timeout_per_video_s * row["end_s"]
         for mode in modes:
-            result = subprocess.run(_clip_args(ffmpeg, local_path, row, mode, config, tmp), capture_output=True,
-                                    text=True)
-            if result.returncode == 0 and _has_frames(tmp):
+            code, stderr = _run_ffmpeg(_clip_args(ffmpeg, local_path, row, mode, config, tmp), limit_s)
+            if code == 0 and _has_frames(tmp):
                 break
             tmp.unlink(missing_ok=True)
-            errors.append(f"{mode}: {result.stderr.strip()[-200:] or 'no video frames written'}")
+            errors.append(f"{mode}: {stderr.strip()[-200:] or 'no video frames written'}")
         else:
             row.update(status="failed", reason=f"clip_file: ffmpeg failed: {'; '.join(errors)}")
             continue
         os.replace(tmp, final)
         row["clip_path"] = str(final)
+
+
+def _run_ffmpeg(args: list[str], limit_s: float) -> tuple[int, str]:
+    """(exit code, stderr) of one ffmpeg run, ended after `limit_s`; it counts as progress for the isolated
+    worker's stall limit while it runs (the video was decoded whole already: this cut is bounded here)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + limit_s
+    while True:
+        heartbeat()
+        try:
+            _, stderr = proc.communicate(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            return proc.returncode, stderr
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                proc.kill()
+                proc.communicate()
+                return -1, f"timeout: no clip within {limit_s:.0f} s"
 
 
 def _has_frames(path: Path) -> bool:
