@@ -108,7 +108,7 @@ def _check_kind(model: type[pydantic.BaseModel], tree: dict[str, Any], path: str
     import importlib
 
     this = f"{model.__module__}:{model.__qualname__}"
-    for target, (command, example) in RECIPE_COMMANDS.items():
+    for target, (command, _) in RECIPE_COMMANDS.items():
         if target == this:
             continue
         module, name = target.split(":")

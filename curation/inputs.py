@@ -187,8 +187,9 @@ def _expand_url(url: str, extensions: list[str], out: Expansion) -> None:
 def check_paths(inputs: list[str], output: str, missing: str = "error", local: bool = True) -> None:
     """Refuses, before any work, what would make a run useless or harmful: no inputs, an output that is a file
     or lies inside an input folder (a re-run would curate its own clips), and (with `missing` "error") a
-    recipe input that does not exist. `local` False (a cluster run) skips the existence checks, since the
-    cluster's filesystems may differ from the driver's. Raises ConfigError naming the path and the fix."""
+    recipe input that does not exist. `local` False (a cluster run) skips the inputs' existence check, since
+    the cluster's filesystems may differ from the driver's (the driver writes into the output folder either
+    way). Raises ConfigError naming the path and the fix."""
     from common.config import ConfigError
 
     if not inputs:
@@ -196,7 +197,7 @@ def check_paths(inputs: list[str], output: str, missing: str = "error", local: b
     if is_url(output):
         return
     out = Path(os.path.expanduser(output)).absolute()
-    if local and out.exists() and not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise ConfigError(f"output {output} is an existing file, not a folder; choose a new or existing folder "
                           "path (--set output=runs/NAME)")
     for name in inputs:

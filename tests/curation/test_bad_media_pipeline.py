@@ -4,6 +4,9 @@ file that blocks forever is ended by the time limit, and the run finishes."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import select
 import time
 
 import av
@@ -49,3 +52,40 @@ def test_every_bad_file_is_accounted_for_and_the_run_finishes(tmp_path, local_ra
     assert by_source.loc[str(corpus["corrupt_packets"].absolute()), "num_corrupt"] > 0
     funnel = {s["step"]: s["count"] for s in summary.funnel}
     assert funnel["input videos"] == len(corpus)
+
+
+def _feed_then_stall(fifo: str, num_frames: int) -> None:
+    """Serves a y4m stream through a FIFO: a header and `num_frames` frames to each reader, then nothing more,
+    as a network mount that stops answering would (the header declares no duration to bound the decode)."""
+    w, h = 64, 64
+    data = f"YUV4MPEG2 W{w} H{h} F24:1 Ip A1:1 C420jpeg\n".encode() + (b"FRAME\n" + bytes(w * h * 3 // 2)) * num_frames
+    while True:
+        fd = os.open(fifo, os.O_WRONLY)
+        try:
+            os.write(fd, data)
+        except BrokenPipeError:
+            pass
+        poll = select.poll()
+        poll.register(fd, select.POLLERR)
+        poll.poll()  # until the reader goes: the next open (probe, then decode) gets a fresh stream
+        os.close(fd)
+
+
+def test_a_decode_that_stops_getting_frames_ends_at_the_stall_limit(tmp_path, local_ray):
+    fifo = tmp_path / "stalls.y4m"
+    os.mkfifo(fifo)
+    feeder = mp.get_context("spawn").Process(target=_feed_then_stall, args=(str(fifo), 30), daemon=True)
+    feeder.start()
+    try:
+        # without the stall limit only timeout_s (10 min) would end it: the header declares no duration
+        config = make_config(tmp_path, [fifo], text={"enabled": False}, clips={"mode": "none"},
+                             decode={"probe_timeout_s": 30, "timeout_s": 600, "stall_timeout_s": 2})
+        t0 = time.monotonic()
+        summary = run_curation(config, progress=False)
+        assert time.monotonic() - t0 < 120
+    finally:
+        feeder.terminate()
+        feeder.join(10)
+    videos, _ = Ledger(summary.run_dir).read()
+    assert videos[["status", "reason", "reason_code"]].values.tolist() == [
+        ["failed", "decode_timeout: no progress (no new frame) for 2 s", "decode_timeout"]]
