@@ -9,10 +9,11 @@ What counts as an input video: every file named directly (whatever its extension
 common) or listed in a list file, and every file with a video extension inside a folder, glob or URL
 prefix. Other files in a folder (licences, READMEs) are not videos: they are counted, not listed.
 
-Missing inputs: the entries of the recipe's `inputs` (few) are checked before any work by `check_paths`,
-and one that does not exist is an error unless `inputs_missing: record`. Entries of list files (up to
-millions) are never stat'ed on the driver: the decode actor records a missing one as `not_found` in the
-ledger, as it does every top-level entry under `inputs_missing: record`.
+Missing inputs: a path in the recipe's `inputs` (few) that does not exist is an error before any work
+(`check_paths`, on the driver); a glob or URL there that the listing tasks found nothing for is an error
+once they ran, before any decode (`unmatched`), since matching it can mean walking a large tree. With
+`inputs_missing: record` they are recorded as `not_found` in the ledger instead. Entries of list files (up
+to millions) are never checked up front: the decode actor records a missing one as `not_found`.
 """
 
 from __future__ import annotations
@@ -208,11 +209,32 @@ def check_paths(inputs: list[str], output: str, missing: str = "error", local: b
             raise ConfigError(f"output {output} is inside input folder {name}: a re-run would curate its own clips; "
                               "put the output outside the inputs (--set output=...)")
     if local and missing == "error":
-        absent = [n for n in inputs if not _exists(n)]
-        if absent:
-            raise ConfigError(f"input{'s' if len(absent) > 1 else ''} {', '.join(absent)} "
-                              f"{'do' if len(absent) > 1 else 'does'} not exist (nothing was decoded); fix the "
-                              "path, or set inputs_missing: record to record missing inputs in the ledger and go on")
+        missing_inputs_error([n for n in inputs if not _exists(n)])
+
+
+def missing_inputs_error(absent: list[str]) -> None:
+    """Raises the ConfigError for recipe inputs that name nothing (none: returns)."""
+    from common.config import ConfigError
+
+    if absent:
+        raise ConfigError(f"input{'s' if len(absent) > 1 else ''} {', '.join(absent)} "
+                          f"{'do' if len(absent) > 1 else 'does'} not exist (nothing was decoded); fix the path, or "
+                          "set inputs_missing: record to record missing inputs in the ledger and go on")
+
+
+def unmatched(inputs_dir: str, names: list[str]) -> list[str]:
+    """In a task: which of `names` (recipe globs and URLs) the listing recorded as matching nothing (a column-
+    projected, filtered scan of RUN/inputs/)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    parts = sorted(Path(inputs_dir).glob("part-*.parquet"))
+    if not parts or not names:
+        return []
+    rows = pads.dataset([str(p) for p in parts], schema=INPUT_SCHEMA).to_table(
+        columns=["source"], filter=pc.field("source").isin(names) & pc.starts_with(pc.field("skip_reason"), "not_found"))
+    found = set(rows.column("source").to_pylist())
+    return [n for n in names if n in found]
 
 
 def _folder_of(name: str) -> Path | None:
@@ -234,14 +256,15 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def _exists(name: str) -> bool:
-    """Whether a recipe input names something: a URL is left to its listing task (which records what it finds),
-    a glob must match at least one path (the first match is enough), anything else must exist."""
-    if is_url(name):
-        return True
+    """Whether a recipe input names something; globs and URLs are left to the listing tasks (`unmatched`)."""
     path = os.path.expanduser(name.removeprefix("file://").removeprefix("@"))
-    if GLOB_CHARS & set(path):
-        return next(glob.iglob(path, recursive=True), None) is not None
-    return os.path.lexists(path)
+    return is_url(name) or bool(GLOB_CHARS & set(path)) or os.path.lexists(path)
+
+
+def deferred(inputs: list[str]) -> list[str]:
+    """The recipe inputs whose existence only the listing tasks can tell: globs and URLs, as the listing
+    records them (a URL prefix or pattern that matches nothing is recorded under its own name)."""
+    return [n for n in inputs if is_url(n) or (GLOB_CHARS & set(n) and not n.startswith("@"))]
 
 
 def input_table(sources: list[tuple[str, str | None]], num_buckets: int) -> pa.Table:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, resolve
 from curation.config import CurationConfig
 from curation.decisions import decide
-from curation.inputs import Item, check_paths, list_task
+from curation.inputs import Item, check_paths, deferred, list_task, missing_inputs_error, unmatched
 from curation.ledger import Ledger
 from curation.tasks import call_task
 
@@ -105,6 +105,8 @@ def run_curation(config: CurationConfig, address: str | None = None, progress: b
     with ray_session(config, address, run_dir, verbose) as started:
         _check_gpus(config, _cluster_gpus(), autoscaling_possible=not started)
         num_ignored = _list_inputs(config, run_dir, num_buckets)
+        if config.inputs_missing == "error":
+            missing_inputs_error(call_task(unmatched, str(run_dir / "inputs"), deferred(config.inputs)))
         num_decoders = _num_decoders(config)
         plan = call_task(_plan, str(run_dir), num_decoders)
         if plan["todo"]:

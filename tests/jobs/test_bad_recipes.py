@@ -64,9 +64,9 @@ def test_a_missing_input_is_an_error_unless_recorded(tmp_path, videos, capsys):
                    "inputs_missing: record to record missing inputs in the ledger and go on")
     assert not out.exists()
     check_paths([str(videos), str(missing)], str(out), missing="record")  # recorded later, by the decode actor
-    for absent in (f"{videos}/**/*.webm", f"@{tmp_path / 'list.txt'}"):  # a glob matching nothing, a list file
-        with pytest.raises(ConfigError, match=re.escape(f"input {absent} does not exist")):
-            check_paths([str(videos), absent], str(out))
+    absent = f"@{tmp_path / 'list.txt'}"
+    with pytest.raises(ConfigError, match=re.escape(f"input {absent} does not exist")):
+        check_paths([str(videos), absent], str(out))
     # entries of a list file are not stat'ed here (there may be millions): the ledger records them
     listed = tmp_path / "list.txt"
     listed.write_text(f"{missing}\n")
@@ -109,3 +109,16 @@ def test_inputs_missing_record_lists_the_missing_input_in_the_ledger_and_goes_on
                 "--set", "inputs_missing=record", "--set", "ray.num_cpus=1"]) == 0
     videos, _ = Ledger(out).read()
     assert videos[["source", "status", "reason"]].values.tolist() == [[str(missing), "skipped", "not_found: no such file"]]
+
+
+def test_a_glob_or_url_that_matches_nothing_is_an_error_once_listed_before_any_decode(tmp_path, videos, capsys):
+    """Globs and URLs are matched by the listing tasks (a pattern can walk a large tree), not on the driver."""
+    from curation.ledger import Ledger
+
+    out = tmp_path / "run"
+    pattern, url = f"{videos}/**/*.webm", f"local://{tmp_path}/nowhere/"
+    err = _refused(capsys, ["curate", CURATE, "--no-progress", "--set", f"inputs=[{videos}, '{pattern}', '{url}']",
+                            "--set", f"output={out}", "--set", "ray.num_cpus=1"])
+    assert err == (f"lvd curate: inputs {pattern}, {url} do not exist (nothing was decoded); fix the path, or set "
+                   "inputs_missing: record to record missing inputs in the ledger and go on")
+    assert not Ledger(out).has_rows()
