@@ -188,9 +188,9 @@ def _expand_url(url: str, extensions: list[str], out: Expansion) -> None:
 def check_paths(inputs: list[str], output: str, missing: str = "error", local: bool = True) -> None:
     """Refuses, before any work, what would make a run useless or harmful: no inputs, an output that is a file
     or lies inside an input folder (a re-run would curate its own clips), and (with `missing` "error") a
-    recipe input that does not exist. `local` False (a cluster run) skips the inputs' existence check, since
-    the cluster's filesystems may differ from the driver's (the driver writes into the output folder either
-    way). Raises ConfigError naming the path and the fix."""
+    recipe path input that does not exist. `local` False (a cluster run) leaves the inputs' existence to
+    `unmatched`, in a task, since the cluster's filesystems may differ from the driver's (the driver writes
+    into the output folder either way). Raises ConfigError naming the path and the fix."""
     from common.config import ConfigError
 
     if not inputs:
@@ -223,18 +223,21 @@ def missing_inputs_error(absent: list[str]) -> None:
 
 
 def unmatched(inputs_dir: str, names: list[str]) -> list[str]:
-    """In a task: which of `names` (recipe globs and URLs) the listing recorded as matching nothing (a column-
-    projected, filtered scan of RUN/inputs/)."""
+    """In a task, where the inputs are seen: which of `names` (recipe inputs from `deferred`) name nothing: a
+    plain path that does not exist, a glob or URL the listing recorded as matching nothing (a column-projected,
+    filtered scan of RUN/inputs/)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     parts = sorted(Path(inputs_dir).glob("part-*.parquet"))
-    if not parts or not names:
-        return []
-    rows = pads.dataset([str(p) for p in parts], schema=INPUT_SCHEMA).to_table(
-        columns=["source"], filter=pc.field("source").isin(names) & pc.starts_with(pc.field("skip_reason"), "not_found"))
-    found = set(rows.column("source").to_pylist())
-    return [n for n in names if n in found]
+    patterns = [n for n in names if _is_pattern(n)]
+    found: set[str] = set()
+    if parts and patterns:
+        rows = pads.dataset([str(p) for p in parts], schema=INPUT_SCHEMA).to_table(
+            columns=["source"],
+            filter=pc.field("source").isin(patterns) & pc.starts_with(pc.field("skip_reason"), "not_found"))
+        found = set(rows.column("source").to_pylist())
+    return [n for n in names if n in found or not _exists(n)]
 
 
 def _folder_of(name: str) -> Path | None:
@@ -255,16 +258,21 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _is_pattern(name: str) -> bool:
+    """A glob or URL: only the listing tasks can tell whether it matches (a URL prefix or pattern that matches
+    nothing is recorded under its own name)."""
+    return is_url(name) or (bool(GLOB_CHARS & set(name)) and not name.startswith("@"))
+
+
 def _exists(name: str) -> bool:
     """Whether a recipe input names something; globs and URLs are left to the listing tasks (`unmatched`)."""
-    path = os.path.expanduser(name.removeprefix("file://").removeprefix("@"))
-    return is_url(name) or bool(GLOB_CHARS & set(path)) or os.path.lexists(path)
+    return _is_pattern(name) or os.path.lexists(os.path.expanduser(name.removeprefix("file://").removeprefix("@")))
 
 
-def deferred(inputs: list[str]) -> list[str]:
-    """The recipe inputs whose existence only the listing tasks can tell: globs and URLs, as the listing
-    records them (a URL prefix or pattern that matches nothing is recorded under its own name)."""
-    return [n for n in inputs if is_url(n) or (GLOB_CHARS & set(n) and not n.startswith("@"))]
+def deferred(inputs: list[str], local: bool) -> list[str]:
+    """The recipe inputs to check after listing, in a task: globs and URLs, and on a cluster (`local` False)
+    every input, since only the cluster sees its filesystems."""
+    return [n for n in inputs if not local or _is_pattern(n)]
 
 
 def input_table(sources: list[tuple[str, str | None]], num_buckets: int) -> pa.Table:

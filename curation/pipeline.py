@@ -106,7 +106,7 @@ def run_curation(config: CurationConfig, address: str | None = None, progress: b
         _check_gpus(config, _cluster_gpus(), autoscaling_possible=not started)
         num_ignored = _list_inputs(config, run_dir, num_buckets)
         if config.inputs_missing == "error":
-            missing_inputs_error(call_task(unmatched, str(run_dir / "inputs"), deferred(config.inputs)))
+            missing_inputs_error(call_task(unmatched, str(run_dir / "inputs"), deferred(config.inputs, address is None)))
         num_decoders = _num_decoders(config)
         plan = call_task(_plan, str(run_dir), num_decoders)
         if plan["todo"]:

@@ -122,3 +122,16 @@ def test_a_glob_or_url_that_matches_nothing_is_an_error_once_listed_before_any_d
     assert err == (f"lvd curate: inputs {pattern}, {url} do not exist (nothing was decoded); fix the path, or set "
                    "inputs_missing: record to record missing inputs in the ledger and go on")
     assert not Ledger(out).has_rows()
+
+
+def test_on_a_cluster_inputs_are_checked_where_they_are_seen_after_listing(tmp_path, videos):
+    from curation.inputs import Item, deferred, list_task, unmatched
+
+    missing, pattern = str(tmp_path / "nope.mp4"), f"{videos}/*.webm"
+    inputs = [str(videos), missing, pattern, f"{videos}/*.mp4"]
+    check_paths(inputs, str(tmp_path / "run"), local=False)  # the driver may not see the cluster's paths
+    assert deferred(inputs, local=True) == [pattern, f"{videos}/*.mp4"]
+    listed = tmp_path / "run" / "inputs"
+    listed.mkdir(parents=True)
+    list_task([Item("name", n) for n in inputs], [".mp4"], str(listed), 4)  # as the listing tasks do
+    assert unmatched(str(listed), deferred(inputs, local=False)) == [missing, pattern]
