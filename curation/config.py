@@ -60,6 +60,13 @@ class DecodeConfig(Config):
                              "seconds fall back to an exact read, so use e.g. 4")
         return v
 
+    @pydantic.field_validator("num_workers")
+    @classmethod
+    def _some_workers(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"num_workers ({v}) must be at least 1; leave it unset (null) to fit as many as the CPUs allow")
+        return v
+
     @pydantic.field_validator("timeout_s", "probe_timeout_s", "stall_timeout_s")
     @classmethod
     def _positive_time(cls, v: float) -> float:
@@ -95,6 +102,13 @@ class LedgerConfig(Config):
 
 class RayConfig(Config):
     num_cpus: int | None = None  # for the embedded local Ray; None = all cores
+
+    @pydantic.field_validator("num_cpus")
+    @classmethod
+    def _some_cpus(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:  # a Ray without CPUs schedules nothing: the run would wait forever
+            raise ValueError(f"num_cpus ({v}) must be at least 1; leave it unset (null) to use every core")
+        return v
 
 
 class CurationConfig(Config):

@@ -38,6 +38,8 @@ def videos(tmp_path) -> Path:
     ("text.only_if.text_area.max=0.1", "text.only_if.text_area: text_area is scored by the text stage, which does not "
                                        "run before this one"),
     ("text.num_actors=0", "text.num_actors: num_actors (0) must be at least 1; to skip the stage set enabled: false"),
+    ("decode.num_workers=0", "decode.num_workers: num_workers (0) must be at least 1; leave it unset (null)"),
+    ("ray.num_cpus=0", "ray.num_cpus: num_cpus (0) must be at least 1; leave it unset (null) to use every core"),
 ])
 def test_curate_refuses_rules_on_scores_no_stage_produces(tmp_path, videos, capsys, rule, message):
     out = tmp_path / "run"
