@@ -150,7 +150,8 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
         out.clips.append(row)
 
     if config.clips.mode != "none":
-        _write_clip_files(prepared.local_path, out.clips, Path(run_dir) / "clips" / video_id, config)
+        _write_clip_files(prepared.local_path, out.clips, Path(run_dir) / "clips" / video_id, config,
+                          damaged=stats.num_corrupt > 0 or stats.num_concealed > 0)
     video.update(status="ok" if usable else "no_clips",
                  reason=None if usable else (spans[0].drop_reason if spans else "no_clips: no frames"),
                  num_clips=len(spans), num_usable_clips=len(usable), process_s=round(time.monotonic() - t0, 3))
@@ -282,11 +283,13 @@ def _write_thumbnail(key_frames_jpeg: list[bytes], run_dir: Path, video_id: str,
     return rel.as_posix()
 
 
-def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config: CurationConfig) -> None:
+def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config: CurationConfig,
+                      damaged: bool = False) -> None:
     """One ffmpeg per usable clip; written under a temporary name, then renamed, so a killed run
     leaves no half-written clip behind under a final name. Clips are always H.264-or-copied .mp4: a codec mp4
     cannot hold (GIF, QuickTime RLE, ...) makes a copy fail, and that clip is re-encoded instead, so no
-    decodable video loses its clips and shards always carry real mp4."""
+    decodable video loses its clips and shards always carry real mp4. A `damaged` video (packets that failed
+    to decode) is re-encoded too: a copy would hand its broken packets to every reader of the clip."""
     import imageio_ffmpeg
 
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
@@ -298,7 +301,7 @@ def _write_clip_files(local_path: str, clips: list[dict], out_dir: Path, config:
         final = out_dir / f"{row['clip_id']}.mp4"
         tmp = out_dir / f".{row['clip_id']}.tmp.mp4"
         # each next mode is the fallback for media the one before cannot cut (see _clip_args)
-        modes = ("copy", "reencode", "frames") if config.clips.mode == "copy" else ("reencode", "frames")
+        modes = ("copy", "reencode", "frames") if config.clips.mode == "copy" and not damaged else ("reencode", "frames")
         errors = []
         # the clip's real (decoded) length sets the limit, as the video's declared one does for the decode
         limit_s = config.decode.timeout_s + config.decode.timeout_per_video_s * row["end_s"]

@@ -85,8 +85,8 @@ ENCODERS = {"hevc_10bit": "libx265", "vp9": "libvpx-vp9", "vp9_alpha": "libvpx-v
             "rgb24": "libx264rgb"}
 # The input to give for a kind, when it is not the file itself.
 INPUT_IS_PARENT = {"folder_named_mp4"}
-# Kinds whose copy into mp4 fails: their clips must come out re-encoded to H.264.
-REENCODED = {"gif_in_mp4", "qtrle_alpha", "negative_start"}
+# Kinds whose copy into mp4 fails, or would carry broken packets: their clips must come out re-encoded to H.264.
+REENCODED = {"gif_in_mp4", "qtrle_alpha", "negative_start", "corrupt_packets"}
 
 # What usable files must come out as (display size, frame count, ...).
 FACTS: dict[str, dict] = {

@@ -53,6 +53,18 @@ def test_every_bad_file_is_accounted_for_and_the_run_finishes(tmp_path, local_ra
     funnel = {s["step"]: s["count"] for s in summary.funnel}
     assert funnel["input videos"] == len(corpus)
 
+    # the shard writer reads every usable clip's file, the re-encoded ones too
+    from shards.config import ShardWriteConfig
+    from shards.manifest import Manifest
+    from shards.writer import write_shards
+
+    written = write_shards(summary.run_dir, tmp_path / "shards", ShardWriteConfig(selection="all_usable"))
+    assert not written.skipped
+    samples = Manifest.load(str(tmp_path / "shards")).samples
+    assert set(samples["clip_id"]) == set(clips.loc[clips["status"] == "ok", "clip_id"])
+    reencoded = {by_source.loc[str(corpus[n].absolute()), "video_id"] for n in REENCODED if n in corpus}
+    assert reencoded <= set(samples["video_id"])
+
 
 def _feed_then_stall(fifo: str, num_frames: int) -> None:
     """Serves a y4m stream through a FIFO: a header and `num_frames` frames to each reader, then nothing more,
