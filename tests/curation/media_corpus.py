@@ -83,6 +83,8 @@ EXPECTED: dict[str, str] = {
 # Kinds whose encoder this ffmpeg build may lack: left out of the corpus (with a note) when it does.
 ENCODERS = {"hevc_10bit": "libx265", "vp9": "libvpx-vp9", "vp9_alpha": "libvpx-vp9", "av1": "libsvtav1",
             "rgb24": "libx264rgb"}
+# Usable kinds left too short for a clip once decoded; every other usable kind must yield clips.
+TOO_SHORT = {"truncated_faststart"}
 # The input to give for a kind, when it is not the file itself.
 INPUT_IS_PARENT = {"folder_named_mp4"}
 # Kinds whose copy into mp4 fails, or would carry broken packets: their clips must come out re-encoded to H.264.
