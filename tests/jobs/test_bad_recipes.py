@@ -1,6 +1,6 @@
 """Bad recipes and paths are refused before any work, in one line naming the problem and the fix: scores no
 stage produces, missing inputs, an output inside the inputs or on a file, no inputs, a recipe given to the
-wrong command, a training subset that selects nothing."""
+wrong command (a training subset that selects nothing: tests/training/test_train_cli.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
+
 from common.config import ConfigError
 from curation.inputs import check_paths
 from jobs.cli import main as lvd
 
-CURATE = "recipes/curation/cpu_fast.yaml"
+REPO = Path(__file__).resolve().parents[2]
+CURATE = str(REPO / "recipes" / "curation" / "cpu_fast.yaml")
 
 
 def _refused(capsys, argv: list[str]) -> str:
@@ -95,8 +97,9 @@ def test_a_recipe_given_to_the_wrong_command_says_which_command_it_is_for(capsys
     assert err == (f"lvd train: recipe {CURATE} is for `lvd curate` (its keys inputs, decode, cuts, motion are lvd "
                    f"curate's settings); run `lvd curate {CURATE}`, or give this command a recipe such as "
                    "recipes/train/tiny_stage1.yaml")
-    err = _refused(capsys, ["curate", "recipes/train/tiny_stage1.yaml"])
-    assert err.startswith("lvd curate: recipe recipes/train/tiny_stage1.yaml is for `lvd train` ") and "\n" not in err
+    train = str(REPO / "recipes" / "train" / "tiny_stage1.yaml")
+    err = _refused(capsys, ["curate", train])
+    assert err.startswith(f"lvd curate: recipe {train} is for `lvd train` ") and "\n" not in err
     # one misspelt key is still a did-you-mean, not "another command's recipe"
     err = _refused(capsys, ["curate", CURATE, "--set", "decod.short_side=64"])
     assert "decod: unknown key; did you mean decode?" in err
