@@ -92,7 +92,10 @@ def test_output_paths_that_would_hurt_are_refused(tmp_path, videos, capsys, case
     assert (videos / "a.mp4").read_bytes() == b"not decoded by these tests" and not (videos / "run").exists()
 
 
-def test_a_recipe_given_to_the_wrong_command_says_which_command_it_is_for(capsys):
+def test_a_recipe_given_to_the_wrong_command_says_which_command_it_is_for(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LVD_HOME", str(tmp_path / "home"))
+    err = _refused(capsys, ["submit", "--backend", "slurm", "--dry-run", "--", "train", CURATE])
+    assert err.startswith(f"lvd submit: recipe {CURATE} is for `lvd curate` ") and "\n" not in err
     err = _refused(capsys, ["train", CURATE])
     assert err == (f"lvd train: recipe {CURATE} is for `lvd curate` (its keys inputs, decode, cuts, motion are lvd "
                    f"curate's settings); run `lvd curate {CURATE}`, or give this command a recipe such as "
