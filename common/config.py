@@ -86,10 +86,38 @@ def validate(model: type[T], tree: dict[str, Any], source: str = "recipe") -> T:
         raise ConfigError(f"{source} does not validate:\n  " + "\n  ".join(problems)) from None
 
 
+# The recipe kinds and their commands, to tell a user who gave one to the wrong command (imported only then).
+RECIPE_COMMANDS = {"curation.config:CurationConfig": ("lvd curate", "recipes/curation/cpu_fast.yaml"),
+                   "training.train_config:TrainConfig": ("lvd train", "recipes/train/tiny_stage1.yaml")}
+
+
 def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
     tree = read_yaml(path) if path is not None else {}
     tree = apply_overrides(tree, overrides or [])
+    if path is not None:
+        _check_kind(model, tree, path)
     return validate(model, tree, source=f"recipe {path}" if path else "config")
+
+
+def _check_kind(model: type[pydantic.BaseModel], tree: dict[str, Any], path: str | Path) -> None:
+    """One line when the recipe is another command's (most of its top-level keys unknown here, all of them
+    known to that command's recipe), instead of one "unknown key" line per key."""
+    unknown = [k for k in tree if k not in model.model_fields]
+    if len(unknown) < 2 or len(unknown) * 2 < len(tree):
+        return
+    import importlib
+
+    this = f"{model.__module__}:{model.__qualname__}"
+    for target, (command, _) in RECIPE_COMMANDS.items():
+        if target == this:
+            continue
+        module, name = target.split(":")
+        other = getattr(importlib.import_module(module), name)
+        if all(k in other.model_fields for k in tree):
+            ours = RECIPE_COMMANDS.get(this, (None, None))
+            also = f", or give this command a recipe such as {ours[1]}" if ours[1] else ""
+            raise ConfigError(f"recipe {path} is for `{command}` (its keys {', '.join(unknown[:4])} are "
+                              f"{command}'s settings); run `{command} {path}`{also}")
 
 
 def _describe(model: type[pydantic.BaseModel], err: dict[str, Any]) -> str:

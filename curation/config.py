@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal
 
+import pyarrow as pa
 import pydantic
 
 from common.config import Config
-from curation.captioning import CaptionConfig
-from curation.clip_score import ClipScoreConfig
+from curation.captioning import CaptionConfig, Captioning
+from curation.clip_score import ClipScore, ClipScoreConfig
 from curation.cuts import CutsConfig
 from curation.dedup import DedupConfig
 from curation.inputs import VIDEO_EXTENSIONS
 from curation.motion import MotionConfig
-from curation.text_area import TextAreaConfig
+from curation.ledger import CLIP_SCHEMA
+from curation.text_area import TextArea, TextAreaConfig
 from curation.thresholds import Threshold
 
+# Model stages in pipeline order, with the ledger columns each writes; every other numeric clip column
+# (motion, times, sizes) is written by the decode of every run.
+STAGE_COLUMNS = {"text": TextArea.columns, "caption": Captioning.columns, "clip": ClipScore.columns}
+NUMERIC_CLIP_COLUMNS = tuple(f.name for f in CLIP_SCHEMA if pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
 
 
 class DecodeConfig(Config):
@@ -31,6 +38,9 @@ class DecodeConfig(Config):
     timeout_s: float = 60.0        # per video: timeout_s + timeout_per_video_s * duration
     timeout_per_video_s: float = 2.0
     probe_timeout_s: float = 30.0
+    # a decode with no new frame for this long ends (decode_timeout): the limit above trusts the declared
+    # duration, which a lying header can stretch to hours
+    stall_timeout_s: float = 30.0
     max_pixels: int = 4096 * 4096  # larger frames are refused (a decompression bomb costs memory per frame)
     num_workers: int | None = None  # decode actors; None = as many as fit beside the stage actors
     num_cpus: float = 1.0           # Ray CPUs each decode actor reserves (below 1 packs them beside light stages)
@@ -50,7 +60,14 @@ class DecodeConfig(Config):
                              "seconds fall back to an exact read, so use e.g. 4")
         return v
 
-    @pydantic.field_validator("timeout_s", "probe_timeout_s")
+    @pydantic.field_validator("num_workers")
+    @classmethod
+    def _some_workers(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"num_workers ({v}) must be at least 1; leave it unset (null) to fit as many as the CPUs allow")
+        return v
+
+    @pydantic.field_validator("timeout_s", "probe_timeout_s", "stall_timeout_s")
     @classmethod
     def _positive_time(cls, v: float) -> float:
         if v <= 0:
@@ -86,9 +103,19 @@ class LedgerConfig(Config):
 class RayConfig(Config):
     num_cpus: int | None = None  # for the embedded local Ray; None = all cores
 
+    @pydantic.field_validator("num_cpus")
+    @classmethod
+    def _some_cpus(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:  # a Ray without CPUs schedules nothing: the run would wait forever
+            raise ValueError(f"num_cpus ({v}) must be at least 1; leave it unset (null) to use every core")
+        return v
+
 
 class CurationConfig(Config):
     inputs: list[str] = []
+    # a recipe input that does not exist: "error" stops before any work; "record" lists it in the ledger as
+    # not_found and goes on (for long generated input lists). Entries of list files are always recorded.
+    inputs_missing: Literal["error", "record"] = "error"
     output: str = "runs/curation"
     extensions: list[str] = VIDEO_EXTENSIONS  # in folders, other files are counted as ignored, not listed
     decode: DecodeConfig = DecodeConfig()
@@ -106,6 +133,31 @@ class CurationConfig(Config):
     ledger: LedgerConfig = LedgerConfig()
     ray: RayConfig = RayConfig()
 
+    def scores_available(self, before: str | None = None) -> list[str]:
+        """The numeric clip columns this recipe's run writes: every decode column and those of the enabled model
+        stages (only the stages before `before`, a stage section, when given: what its only_if can see)."""
+        absent: set[str] = set()
+        reached = False
+        for section, columns in STAGE_COLUMNS.items():
+            reached = reached or section == before
+            if reached or not getattr(self, section).enabled:
+                absent.update(columns)
+        return [c for c in NUMERIC_CLIP_COLUMNS if c not in absent]
+
+    @pydantic.model_validator(mode="after")
+    def _scores_exist(self) -> "CurationConfig":
+        # Checked here, not after the decode: a misspelt score would otherwise cost a full run, then a traceback.
+        problems = [_unknown_score(f"thresholds.{name}", name, self.scores_available()) for name in self.thresholds]
+        for section in STAGE_COLUMNS:
+            stage = getattr(self, section)
+            if stage.enabled:
+                problems += [_unknown_score(f"{section}.only_if.{name}", name, self.scores_available(before=section),
+                                            only_if=True) for name in stage.only_if]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def clip_frames_per_clip(self) -> int:
         """Evenly spaced frames each clip sends through the pipeline besides its three key frames: the video
         captioner's caption.video.num_frames, or 0 when no enabled stage wants more than the key frames."""
@@ -119,3 +171,26 @@ class CurationConfig(Config):
         if bad:
             raise ValueError(f"extensions must start with a dot, got {bad}; write e.g. .mp4")
         return [e.lower() for e in v]
+
+
+def _unknown_score(key: str, name: str, available: list[str], only_if: bool = False) -> str | None:
+    """Why `name` cannot be thresholded (None when it can): the stage producing it is off, comes later, or no
+    stage writes such a score (with the nearest valid name)."""
+    if name in available:
+        return None
+    owner = next((section for section, columns in STAGE_COLUMNS.items() if name in columns), None)
+    if owner is not None and name in NUMERIC_CLIP_COLUMNS:
+        if only_if:
+            return (f"{key}: {name} is scored by the {owner} stage, which does not run before this one; "
+                    f"filter on an earlier score ({', '.join(_scores(available))})")
+        return f"{key}: {name} is scored by the {owner} stage, which is not enabled; enable {owner} or remove the rule"
+    hint = difflib.get_close_matches(name, available, n=1)
+    fix = f"did you mean {hint[0]}?" if hint else f"scores here: {', '.join(_scores(available))}"
+    return f"{key}: no enabled stage produces a score named {name!r}; {fix}"
+
+
+def _scores(available: list[str]) -> list[str]:
+    """The columns worth suggesting as scores (not bookkeeping such as clip_index or frame numbers)."""
+    shown = ("motion_score", "motion_bucket", "duration_s", "num_frames", "fps", "width", "height",
+             *(c for columns in STAGE_COLUMNS.values() for c in columns))
+    return [c for c in available if c in shown]

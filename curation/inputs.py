@@ -7,8 +7,13 @@ task walks at most `MAX_DIRS_PER_TASK` folders, so a tree of millions of files f
 
 What counts as an input video: every file named directly (whatever its extension: wrong extensions are
 common) or listed in a list file, and every file with a video extension inside a folder, glob or URL
-prefix. Other files in a folder (licences, READMEs) are not videos: they are counted, not listed. Whether a
-named file exists is checked by the decode actor, which writes the reason into the ledger.
+prefix. Other files in a folder (licences, READMEs) are not videos: they are counted, not listed.
+
+Missing inputs: a path in the recipe's `inputs` (few) that does not exist is an error before any work
+(`check_paths`, on the driver); a glob or URL there that the listing tasks found nothing for is an error
+once they ran, before any decode (`unmatched`), since matching it can mean walking a large tree. With
+`inputs_missing: record` they are recorded as `not_found` in the ledger instead. Entries of list files (up
+to millions) are never checked up front: the decode actor records a missing one as `not_found`.
 """
 
 from __future__ import annotations
@@ -178,6 +183,96 @@ def _expand_url(url: str, extensions: list[str], out: Expansion) -> None:
             out.sources.append((name if "://" in name else fs.unstrip_protocol(name), None))
         else:
             out.num_ignored += 1
+
+
+def check_paths(inputs: list[str], output: str, missing: str = "error", local: bool = True) -> None:
+    """Refuses, before any work, what would make a run useless or harmful: no inputs, an output that is a file
+    or lies inside an input folder (a re-run would curate its own clips), and (with `missing` "error") a
+    recipe path input that does not exist. `local` False (a cluster run) leaves the inputs' existence to
+    `unmatched`, in a task, since the cluster's filesystems may differ from the driver's (the driver writes
+    into the output folder either way). Raises ConfigError naming the path and the fix."""
+    from common.config import ConfigError
+
+    if not inputs:
+        raise ConfigError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
+    if is_url(output):
+        return
+    out = Path(os.path.expanduser(output)).absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {output} is an existing file, not a folder; choose a new or existing folder "
+                          "path (--set output=runs/NAME)")
+    for name in inputs:
+        if is_url(name) or name.startswith("@"):
+            continue
+        folder = _folder_of(name.removeprefix("file://"))
+        if folder is not None and _inside(out, folder):
+            raise ConfigError(f"output {output} is inside input folder {name}: a re-run would curate its own clips; "
+                              "put the output outside the inputs (--set output=...)")
+    if local and missing == "error":
+        missing_inputs_error([n for n in inputs if not _exists(n)])
+
+
+def missing_inputs_error(absent: list[str]) -> None:
+    """Raises the ConfigError for recipe inputs that name nothing (none: returns)."""
+    from common.config import ConfigError
+
+    if absent:
+        raise ConfigError(f"input{'s' if len(absent) > 1 else ''} {', '.join(absent)} "
+                          f"{'do' if len(absent) > 1 else 'does'} not exist (nothing was decoded); fix the path, or "
+                          "set inputs_missing: record to record missing inputs in the ledger and go on")
+
+
+def unmatched(inputs_dir: str, names: list[str]) -> list[str]:
+    """In a task, where the inputs are seen: which of `names` (recipe inputs from `deferred`) name nothing: a
+    plain path that does not exist, a glob or URL the listing recorded as matching nothing (a column-projected,
+    filtered scan of RUN/inputs/)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    parts = sorted(Path(inputs_dir).glob("part-*.parquet"))
+    patterns = [n for n in names if _is_pattern(n)]
+    found: set[str] = set()
+    if parts and patterns:
+        rows = pads.dataset([str(p) for p in parts], schema=INPUT_SCHEMA).to_table(
+            columns=["source"],
+            filter=pc.field("source").isin(patterns) & pc.starts_with(pc.field("skip_reason"), "not_found"))
+        found = set(rows.column("source").to_pylist())
+    return [n for n in names if n in found or not _exists(n)]
+
+
+def _folder_of(name: str) -> Path | None:
+    """The folder an input name walks: itself, or a glob's fixed leading part; None for a file or list file."""
+    path = os.path.expanduser(name)
+    if GLOB_CHARS & set(path):
+        fixed = []
+        for part in Path(path).parts:
+            if GLOB_CHARS & set(part):
+                break
+            fixed.append(part)
+        return Path(*fixed).absolute() if fixed else Path.cwd()
+    return Path(path).absolute() if os.path.isdir(path) else None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
+def _is_pattern(name: str) -> bool:
+    """A glob or URL: only the listing tasks can tell whether it matches (a URL prefix or pattern that matches
+    nothing is recorded under its own name)."""
+    return is_url(name) or (bool(GLOB_CHARS & set(name)) and not name.startswith("@"))
+
+
+def _exists(name: str) -> bool:
+    """Whether a recipe input names something; globs and URLs are left to the listing tasks (`unmatched`)."""
+    return _is_pattern(name) or os.path.lexists(os.path.expanduser(name.removeprefix("file://").removeprefix("@")))
+
+
+def deferred(inputs: list[str], local: bool) -> list[str]:
+    """The recipe inputs to check after listing, in a task: globs and URLs, and on a cluster (`local` False)
+    every input, since only the cluster sees its filesystems."""
+    return [n for n in inputs if not local or _is_pattern(n)]
 
 
 def input_table(sources: list[tuple[str, str | None]], num_buckets: int) -> pa.Table:

@@ -35,6 +35,8 @@ import av
 import av.error
 import numpy as np
 
+from curation.isolation import heartbeat
+
 # 8K UHD: anything larger is far beyond what training uses, and a huge declared size in a tiny file is
 # how a decompression bomb asks for gigabytes per frame.
 DEFAULT_MAX_PIXELS = 7680 * 4320
@@ -235,12 +237,33 @@ def _open(path: str, max_pixels: int) -> Iterator[av.container.InputContainer]:
         container = av.open(str(path), "r", container_options=_CONTAINER_OPTIONS,
                             options={"max_pixels": str(max_pixels)}, metadata_errors="replace")
     except (av.error.FFmpegError, OSError, ValueError) as e:
+        # ffmpeg refuses some huge declared sizes with an unrelated error (a 16384 x 16384 y4m header gives
+        # EBUSY); a size the header states in plain text is judged by our own limits first.
+        declared = _y4m_size(path)
+        if declared is not None:
+            _check_size(*declared, max_pixels, DEFAULT_MIN_SIDE)
         # The file was readable (checked before), so whatever ffmpeg says means it is not a video it can use.
         raise MediaError(f"not_a_video: {_message(e)}") from None
     try:
         yield container
     finally:
         container.close()
+
+
+def _y4m_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from a YUV4MPEG2 header (text: "YUV4MPEG2 W640 H480 ..."), None for other files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256).split(b"\n", 1)[0]
+    except OSError:
+        return None
+    if not head.startswith(b"YUV4MPEG2 "):
+        return None
+    fields = {t[:1]: t[1:] for t in head.split(b" ")[1:] if t}
+    try:
+        return int(fields[b"W"]), int(fields[b"H"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
@@ -547,6 +570,7 @@ def _decoded(container: av.container.InputContainer, stream: av.video.stream.Vid
             stats.num_frames += 1
             stats.num_concealed += bool(frame.is_corrupt)
             stats.times_s.append(time_s)
+            heartbeat()  # progress for the isolated worker's stall limit
             yield time_s, raw_s, frame
     if stats.num_packets and stats.corrupt_fraction > max_corrupt_fraction:
         raise MediaError(f"decode_error: {stats.num_corrupt} of {stats.num_packets} packets failed "

@@ -28,7 +28,7 @@ from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stan
 from common.local_ray import local_ray
 from curation.config import CurationConfig
 from curation.decisions import decide
-from curation.inputs import Item, list_task
+from curation.inputs import Item, check_paths, deferred, list_task, missing_inputs_error, unmatched
 from curation.ledger import Ledger
 from curation.tasks import call_task
 
@@ -93,8 +93,7 @@ def run_curation(config: CurationConfig, address: str | None = None, progress: b
                  decoder: type | None = None) -> Summary:
     """Lists the inputs, curates the videos not yet in the ledger, and decides the whole run.
     `decoder` replaces the decode actor (benchmarks fabricate rows with it)."""
-    if not config.inputs:
-        raise ValueError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
+    check_paths(config.inputs, config.output, config.inputs_missing, local=address is None)
     found = check_models(config)
     stand_ins = random_stand_ins(found)
     _write_models_used(Path(config.output), config, found)
@@ -108,6 +107,8 @@ def run_curation(config: CurationConfig, address: str | None = None, progress: b
     with ray_session(config, address, run_dir, verbose) as started:
         _check_gpus(config, _cluster_gpus(), autoscaling_possible=not started)
         num_ignored = _list_inputs(config, run_dir, num_buckets)
+        if config.inputs_missing == "error":
+            missing_inputs_error(call_task(unmatched, str(run_dir / "inputs"), deferred(config.inputs, address is None)))
         num_decoders = _num_decoders(config)
         plan = call_task(_plan, str(run_dir), num_decoders)
         if plan["todo"]:

@@ -67,7 +67,7 @@ class VideoActor:
                 return _failed(source, video_id, None, prepared.reason)
             limit = decode.timeout_s + decode.timeout_per_video_s * max(prepared.info.duration_s, 0.0)
             done = self.worker.call(process_video, source, video_id, prepared, self.config, self.run_dir,
-                                    timeout_s=limit)
+                                    timeout_s=limit, stall_s=decode.stall_timeout_s)
             return done.value if done.ok else _failed(source, video_id, prepared.info, f"decode_{done.reason}")
         finally:
             if prepared.temp_dir:

@@ -80,6 +80,13 @@ class StageConfig(Config):
     stage: loosening those thresholds later (--rethreshold) leaves them with a missing score, so re-run the
     stage to score them."""
 
+    @pydantic.field_validator("batch_size", "num_actors")
+    @classmethod
+    def _at_least_one(cls, v: int, info: pydantic.ValidationInfo) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} ({v}) must be at least 1; to skip the stage set enabled: false")
+        return v
+
     @pydantic.field_validator("only_if")
     @classmethod
     def _fixed_bounds(cls, v: dict[str, Threshold]) -> dict[str, Threshold]:

@@ -23,6 +23,7 @@ import numpy as np
 from curation.config import CurationConfig
 from curation.cuts import CutDetector, clip_spans
 from curation.inputs import is_url
+from curation.isolation import heartbeat
 from curation.media import (DecodeStats, MediaError, VideoInfo, decode_frames, ffmpeg_input_args, probe,
                             read_frames)
 from curation.motion import MotionAnalyzer, clip_motion, motion_bucket
@@ -123,6 +124,7 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
 
     out = VideoOutput(video)
     for n, span in enumerate(spans):
+        heartbeat()
         clip_id = f"{video_id}-{n:04d}"
         row = clip_row(clip_id, video_id, source, n, span, times, fps, info)
         if span.drop_reason is None:
@@ -149,7 +151,8 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
         out.clips.append(row)
 
     if config.clips.mode != "none":
-        _write_clip_files(prepared.local_path, info, out.clips, Path(run_dir) / "clips" / video_id, config)
+        _write_clip_files(prepared.local_path, info, out.clips, Path(run_dir) / "clips" / video_id, config,
+                          damaged=stats.num_corrupt > 0 or stats.num_concealed > 0)
     video.update(status="ok" if usable else "no_clips",
                  reason=None if usable else (spans[0].drop_reason if spans else "no_clips: no frames"),
                  num_clips=len(spans), num_usable_clips=len(usable), process_s=round(time.monotonic() - t0, 3))
@@ -281,10 +284,13 @@ def _write_thumbnail(key_frames_jpeg: list[bytes], run_dir: Path, video_id: str,
     return rel.as_posix()
 
 
-def _write_clip_files(local_path: str, info: VideoInfo, clips: list[dict], out_dir: Path,
-                      config: CurationConfig) -> None:
+def _write_clip_files(local_path: str, info: VideoInfo, clips: list[dict], out_dir: Path, config: CurationConfig,
+                      damaged: bool = False) -> None:
     """One ffmpeg per usable clip; written under a temporary name, then renamed, so a killed run
-    leaves no half-written clip behind under a final name."""
+    leaves no half-written clip behind under a final name. Clips are always H.264-or-copied .mp4: a codec mp4
+    cannot hold (GIF, QuickTime RLE, ...) makes a copy fail, and that clip is re-encoded instead, so no
+    decodable video loses its clips and shards always carry real mp4. A `damaged` video (packets that failed
+    to decode) is re-encoded too: a copy would hand its broken packets to every reader of the clip."""
     import imageio_ffmpeg
 
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
@@ -293,23 +299,74 @@ def _write_clip_files(local_path: str, info: VideoInfo, clips: list[dict], out_d
     for row in clips:
         if row["status"] != "ok":
             continue
+        heartbeat()
         final = out_dir / f"{row['clip_id']}.mp4"
         tmp = out_dir / f".{row['clip_id']}.tmp.mp4"
-        if config.clips.mode == "copy":
-            # input seeking with stream copy starts at the keyframe at or before start_s (SVD's cut)
-            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", *source,
-                    "-t", f"{row['duration_s']:.6f}", "-map", "0:v:0", "-c", "copy", "-an", "-sn", "-dn",
-                    "-avoid_negative_ts", "make_zero", str(tmp)]
-        else:
-            # accurate seek, then exactly the clip's frames, re-encoded
-            args = [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", *source,
-                    "-map", "0:v:0", "-frames:v", str(row["num_frames"]), "-c:v", "libx264",
-                    "-preset", config.clips.preset, "-crf", str(config.clips.crf), "-pix_fmt", "yuv420p",
-                    "-an", "-sn", "-dn", str(tmp)]
-        result = subprocess.run(args, capture_output=True, text=True)
-        if result.returncode != 0 or not tmp.exists() or tmp.stat().st_size == 0:
+        # each next mode is the fallback for media the one before cannot cut (see _clip_args)
+        modes = ("copy", "reencode", "frames") if config.clips.mode == "copy" and not damaged else ("reencode", "frames")
+        errors = []
+        # the clip's real (decoded) length sets the limit, as the video's declared one does for the decode
+        limit_s = config.decode.timeout_s + config.decode.timeout_per_video_s * row["end_s"]
+        for mode in modes:
+            code, stderr = _run_ffmpeg(_clip_args(ffmpeg, source, row, mode, config, tmp), limit_s)
+            if code == 0 and _has_frames(tmp):
+                break
             tmp.unlink(missing_ok=True)
-            row.update(status="failed", reason=f"clip_file: ffmpeg failed: {result.stderr.strip()[-200:]}")
+            errors.append(f"{mode}: {stderr.strip()[-200:] or 'no video frames written'}")
+        else:
+            row.update(status="failed", reason=f"clip_file: ffmpeg failed: {'; '.join(errors)}")
             continue
         os.replace(tmp, final)
         row["clip_path"] = str(final)
+
+
+def _run_ffmpeg(args: list[str], limit_s: float) -> tuple[int, str]:
+    """(exit code, stderr) of one ffmpeg run, ended after `limit_s`; it counts as progress for the isolated
+    worker's stall limit while it runs (the video was decoded whole already: this cut is bounded here)."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + limit_s
+    while True:
+        heartbeat()
+        try:
+            _, stderr = proc.communicate(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            return proc.returncode, stderr
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                proc.kill()
+                proc.communicate()
+                return -1, f"timeout: no clip within {limit_s:.0f} s"
+
+
+def _has_frames(path: Path) -> bool:
+    """Whether a clip file ffmpeg wrote holds video frames: a stream copy can exit 0 and write none (timestamps
+    it cannot place, e.g. a start below zero)."""
+    import av
+
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    try:
+        with av.open(str(path)) as clip:
+            return any((s.frames or 0) > 0 for s in clip.streams.video)
+    except (av.error.FFmpegError, OSError):
+        return False
+
+
+def _clip_args(ffmpeg: str, source: list[str], row: dict, mode: str, config: CurationConfig, out: Path) -> list[str]:
+    """The ffmpeg command (a list, never a shell string) cutting one clip to `out`. copy: packets from the key
+    frame at or before the start; reencode: exactly the clip's frames, found by a seek to its start time; frames:
+    the clip's frames by decode index from the file's start (slow, for timestamps a seek cannot use). `source` is
+    the input as ffmpeg_input_args gives it: the probed demuxer under the allow-lists."""
+    even = "scale=trunc(iw/2)*2:trunc(ih/2)*2"  # H.264 in 4:2:0 needs even sides
+    encode = ["-c:v", "libx264", "-preset", config.clips.preset, "-crf", str(config.clips.crf), "-pix_fmt", "yuv420p",
+              "-an", "-sn", "-dn", str(out)]
+    if mode == "frames":
+        pick = f"select=between(n\\,{row['start_frame']}\\,{row['end_frame'] - 1}),setpts=N/({row['fps']:.6f})/TB"
+        return [ffmpeg, "-v", "error", "-y", *source, "-map", "0:v:0", "-vf", f"{pick},{even}",
+                "-fps_mode", "passthrough", "-frames:v", str(row["num_frames"]), *encode]
+    if mode == "copy":
+        # input seeking with stream copy starts at the keyframe at or before start_s (SVD's cut)
+        return [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", *source,
+                "-t", f"{row['duration_s']:.6f}", "-map", "0:v:0", "-c", "copy", "-an", "-sn", "-dn",
+                "-avoid_negative_ts", "make_zero", str(out)]
+    return [ffmpeg, "-v", "error", "-y", "-ss", f"{row['start_s']:.6f}", *source,
+            "-map", "0:v:0", "-frames:v", str(row["num_frames"]), "-vf", even, *encode]

@@ -28,6 +28,22 @@ class Rendezvous:
     master_port: int | None = None
 
 
+def check_data(config: TrainConfig) -> None:
+    """Resolves the stage's subset once, before any launcher starts: missing shards, a query naming a score no
+    sample has, or one that selects nothing is one line here instead of a traceback from every rank."""
+    if config.data.source != "shards":
+        return
+    from common.config import ConfigError
+    from shards.manifest import Manifest
+    from shards.plan import SubsetPlanner
+
+    loader = config.data.shards
+    try:
+        SubsetPlanner.build(Manifest.load(loader.shards), loader)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data.shards: {e}") from None
+
+
 def rank_env(threads: int = 1) -> dict[str, str]:
     """The environment of the rank processes: one math thread each unless the caller set OMP_NUM_THREADS
     (ranks sharing a CPU would otherwise oversubscribe it)."""

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from common.config import load_recipe
     from common.runinfo import write_run_info
     from curation.config import CurationConfig
+    from curation.inputs import check_paths
     from curation.ledger import Ledger
     from curation.pipeline import finalize, print_funnel, ray_session, run_curation
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             summary = finalize(config, ledger)
         summary.num_done_before = summary.funnel[0]["count"]
     else:
+        check_paths(config.inputs, config.output, config.inputs_missing, local=args.address is None)  # before writing
         write_run_info(config.output, config, "curate", {"address": args.address})
         summary = run_curation(config, address=args.address, progress=not args.no_progress, verbose=args.verbose)
     print_funnel(summary)

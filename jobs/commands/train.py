@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from training import launch
 
+    if not args.address:  # a cluster's ranks may see shards this machine does not
+        launch.check_data(config)
     if launcher == "local":
         if args.nproc != 1 or args.nnodes != 1:
             print("lvd train: --launcher local runs one process; use torchrun, deepspeed or ray for more", file=sys.stderr)

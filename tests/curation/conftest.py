@@ -44,6 +44,8 @@ def make_config(tmp_path: Path, inputs: list, **sections):
     }
     for key, value in sections.items():
         tree[key] = {**tree.get(key, {}), **value} if isinstance(value, dict) else value
+    if tree["text"].get("enabled") is False and "thresholds" not in sections:
+        del tree["thresholds"]["text_area"]  # a threshold on a score no stage produces is refused
     return CurationConfig.model_validate(tree)
 
 

@@ -35,6 +35,8 @@ UNICODE_NAME = "clip ünïcødé 映像.mp4"
 VFR_TIMES_S = [round(t, 6) for t in np.cumsum([0.0] + [1 / 24, 1 / 24, 2 / 24, 1 / 24, 3 / 24] * 6)[:30]]
 # 6144 x 6144 = 37.7 Mpx > the default max_pixels (8K, 33.2 Mpx), still a legal H.264 size.
 HUGE_SIDE = 6144
+# High and low frame rates come small: 240 fps for 1.2 s is 288 frames.
+SMALL_W, SMALL_H = 128, 72
 
 EXPECTED: dict[str, str] = {
     "valid": USABLE,
@@ -57,7 +59,36 @@ EXPECTED: dict[str, str] = {
     "unicode_path": USABLE,
     "playlist": "not_a_video",  # an ffconcat list naming another file: must not be followed
     "hang": TIMEOUT,  # a FIFO nobody writes to: opening it blocks forever
+    # codecs and containers mp4 cannot hold: they decode, and their clips are re-encoded, not lost
+    "gif_in_mp4": USABLE,  # a GIF named .mp4
+    "qtrle_alpha": USABLE,  # QuickTime Animation (RLE) with an alpha channel, in .mov
+    "y4m_huge": "resolution_too_large",  # a YUV4MPEG2 header declaring 16384 x 16384 (ffmpeg says EBUSY)
+    "hevc_10bit": USABLE,
+    "vp9": USABLE,
+    "av1": USABLE,
+    "mjpeg": USABLE,
+    "two_video_streams": USABLE,  # Matroska with two video streams: the first is curated
+    "interlaced_mpeg2": USABLE,
+    "fps_240": USABLE,
+    "fps_half": USABLE,  # 0.5 fps: too few frames per second for a motion pair, but decodable
+    "yuv444p": USABLE,
+    "rgb24": USABLE,
+    "gray16": USABLE,
+    "vp9_alpha": USABLE,
+    "edit_list": USABLE,  # an mp4 edit list hiding the first 0.5 s (pre-roll frames with negative times)
+    "negative_start": USABLE,  # Matroska with timestamps starting below zero (they read back as none)
+    "symlink_loop": "unreadable",  # loop_a.mp4 -> loop_b.mp4 -> loop_a.mp4
+    "folder_named_mp4": USABLE,  # a folder named x.mp4 is walked as a folder: the video inside is curated
 }
+# Kinds whose encoder this ffmpeg build may lack: left out of the corpus (with a note) when it does.
+ENCODERS = {"hevc_10bit": "libx265", "vp9": "libvpx-vp9", "vp9_alpha": "libvpx-vp9", "av1": "libsvtav1",
+            "rgb24": "libx264rgb"}
+# Usable kinds left too short for a clip once decoded; every other usable kind must yield clips.
+TOO_SHORT = {"truncated_faststart"}
+# The input to give for a kind, when it is not the file itself.
+INPUT_IS_PARENT = {"folder_named_mp4"}
+# Kinds whose copy into mp4 fails, or would carry broken packets: their clips must come out re-encoded to H.264.
+REENCODED = {"gif_in_mp4", "qtrle_alpha", "negative_start", "corrupt_packets"}
 
 # What usable files must come out as (display size, frame count, ...).
 FACTS: dict[str, dict] = {
@@ -71,6 +102,13 @@ FACTS: dict[str, dict] = {
     "corrupt_packets": {"width": BASE_W, "height": BASE_H, "max_frames": CORRUPT_FRAMES - 1},
     "wrong_extension": {"width": BASE_W, "height": BASE_H, "num_frames": BASE_FRAMES},
     "unicode_path": {"width": BASE_W, "height": BASE_H, "num_frames": BASE_FRAMES},
+    "gif_in_mp4": {"width": BASE_W, "height": BASE_H, "num_frames": 50, "fps": 25.0},  # GIF delays are in 1/100 s
+    **{name: {"width": BASE_W, "height": BASE_H, "num_frames": BASE_FRAMES, "fps": BASE_FPS}
+       for name in ("qtrle_alpha", "hevc_10bit", "vp9", "vp9_alpha", "av1", "mjpeg", "two_video_streams",
+                    "interlaced_mpeg2", "yuv444p", "rgb24", "gray16", "negative_start", "folder_named_mp4")},
+    "edit_list": {"width": BASE_W, "height": BASE_H, "num_frames": BASE_FRAMES - 12},  # 0.5 s hidden
+    "fps_240": {"width": SMALL_W, "height": SMALL_H, "num_frames": 288, "fps": 240.0},
+    "fps_half": {"width": SMALL_W, "height": SMALL_H, "num_frames": 5, "fps": 0.5},
 }
 
 
@@ -123,14 +161,71 @@ def write_bad_media_corpus(out_dir: Path) -> dict[str, Path]:
     paths["playlist"] = _write_bytes(out / "playlist.mp4",
                                      f"ffconcat version 1.0\nfile '{valid.resolve()}'\n".encode())
 
+    _write_codecs(out, valid, paths)
+
     hang = out / "hang.mp4"
     if hang.exists() or hang.is_symlink():
         hang.unlink()
     os.mkfifo(hang)
     paths["hang"] = hang
 
-    assert set(paths) == set(EXPECTED), f"corpus and EXPECTED disagree: {set(paths) ^ set(EXPECTED)}"
+    absent = set(EXPECTED) - set(paths)
+    assert absent <= set(ENCODERS) and set(paths) <= set(EXPECTED), f"corpus and EXPECTED disagree: {set(paths) ^ set(EXPECTED)}"
     return paths
+
+
+def corpus_input(name: str, path: Path) -> Path:
+    """What a run is given for a kind: the file, or the folder that holds it."""
+    return path.parent if name in INPUT_IS_PARENT else path
+
+
+def _write_codecs(out: Path, valid: Path, paths: dict[str, Path]) -> None:
+    """Codecs, pixel formats, frame rates and containers beyond H.264 in mp4, each transcoded from `valid`."""
+    available = _encoders()
+    made = {
+        "gif_in_mp4": ("gif_in_mp4.mp4", "-i", valid, "-r", "25", "-f", "gif"),
+        "qtrle_alpha": ("qtrle_alpha.mov", "-i", valid, "-vf", "format=argb,colorchannelmixer=aa=0.5", "-c:v", "qtrle"),
+        "hevc_10bit": ("hevc_10bit.mp4", "-i", valid, "-c:v", "libx265", "-preset", "ultrafast", "-pix_fmt",
+                       "yuv420p10le", "-x265-params", "log-level=error", "-tag:v", "hvc1"),
+        "vp9": ("vp9.webm", "-i", valid, "-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "200k"),
+        "vp9_alpha": ("vp9_alpha.webm", "-i", valid, "-vf", "format=yuva420p", "-c:v", "libvpx-vp9", "-deadline",
+                      "realtime", "-cpu-used", "8", "-b:v", "200k"),
+        "av1": ("av1.mp4", "-i", valid, "-c:v", "libsvtav1", "-preset", "12", "-svtav1-params", "log-level=0"),
+        "mjpeg": ("mjpeg.avi", "-i", valid, "-c:v", "mjpeg", "-q:v", "5"),
+        "two_video_streams": ("two_video_streams.mkv", "-i", valid, "-i", valid, "-map", "0:v", "-map", "1:v",
+                              "-c", "copy"),
+        "interlaced_mpeg2": ("interlaced_mpeg2.mpg", "-i", valid, "-vf", "setfield=tff", "-c:v", "mpeg2video",
+                             "-flags", "+ilme+ildct", "-b:v", "1M"),
+        "yuv444p": ("yuv444p.mp4", "-i", valid, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv444p"),
+        "rgb24": ("rgb24.mkv", "-i", valid, "-c:v", "libx264rgb", "-preset", "ultrafast", "-pix_fmt", "rgb24"),
+        "gray16": ("gray16.mkv", "-i", valid, "-c:v", "ffv1", "-pix_fmt", "gray16le"),
+        # copy from 0.5 s: the mov muxer keeps the GOP's earlier frames and hides them behind an edit list
+        "edit_list": ("edit_list.mp4", "-ss", "0.5", "-i", valid, "-c", "copy"),
+        "negative_start": ("negative_start.mkv", "-i", valid, "-c", "copy", "-output_ts_offset", "-0.5",
+                           "-avoid_negative_ts", "disabled"),
+    }
+    for name, (file_name, *args) in made.items():
+        encoder = ENCODERS.get(name)
+        if encoder is not None and encoder not in available:
+            print(f"media corpus: {name} left out: this ffmpeg has no {encoder} encoder", file=sys.stderr)
+            continue
+        paths[name] = _ffmpeg(out / file_name, *args)
+    paths["fps_240"] = write_video(out / "fps_240.mp4", moving_square(288, SMALL_H, SMALL_W, speed=1), 240, gop=240)
+    paths["fps_half"] = write_video(out / "fps_half.mp4", moving_square(5, SMALL_H, SMALL_W, speed=8), 0.5, gop=5)
+    # a header declaring 16384 x 16384 and a few bytes of picture
+    paths["y4m_huge"] = _write_bytes(out / "y4m_huge.y4m",
+                                     b"YUV4MPEG2 W16384 H16384 F25:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(4096))
+    paths["symlink_loop"] = _symlink(out / "loop_a.mp4", out / "loop_b.mp4")
+    _symlink(out / "loop_b.mp4", out / "loop_a.mp4")
+    folder = out / "x.mp4"
+    folder.mkdir(exist_ok=True)
+    paths["folder_named_mp4"] = Path(shutil.copyfile(valid, folder / "inside.mp4"))
+
+
+def _encoders() -> set[str]:
+    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True,
+                            text=True, timeout=60)
+    return {line.split()[1] for line in result.stdout.splitlines() if len(line.split()) > 1 and line.startswith(" V")}
 
 
 def _ffmpeg(out_path: Path, *args: str | Path) -> Path:

@@ -53,7 +53,7 @@ CLUSTERED = {"all_pairs_max": 10, "cluster_size": 15, "assignments": 2, "kmeans_
 def config(run_dir, dedup=None, **thresholds) -> CurationConfig:
     rules = thresholds or {"motion_score": {"drop_bottom_pct": 20}, "text_area": {"max": 0.15},
                            "aesthetic": {"drop_top_pct": 5, "min": 3.5}}
-    return CurationConfig.model_validate({"inputs": ["x"], "output": str(run_dir), "thresholds": rules,
+    return CurationConfig.model_validate({"inputs": ["x"], "output": str(run_dir), "thresholds": rules, "clip": {},
                                           "dedup": {"exact": True, "near": True, "near_threshold": 0.97,
                                                     **(dedup or {})}})
 
@@ -110,8 +110,10 @@ def test_redeciding_reports_what_changed_and_rewrites_only_decisions(tmp_path):
 
 def test_unknown_threshold_is_refused_before_any_decision(tmp_path):
     fabricated_run(tmp_path, num_videos=5)
+    cfg = config(tmp_path)
+    cfg.thresholds["sharpness"] = cfg.thresholds["motion_score"]  # past validation, which refuses it too
     with pytest.raises(ValueError, match="thresholds name scores the ledger does not have: \\['sharpness'\\]"):
-        decide(config(tmp_path, sharpness={"min": 1}), Ledger(tmp_path))
+        decide(cfg, Ledger(tmp_path))
     assert not (tmp_path / "decisions").exists()
 
 

@@ -123,7 +123,7 @@ def make_run(run_dir: Path) -> pd.DataFrame:
     """The fabricated run written as a decided run folder (ledger, decisions, funnel, config, run.json)."""
     videos, clips, funnel = fabricate(run_dir)
     Ledger(run_dir).write_frames(videos, clips, funnel)
-    write_run_info(run_dir, CurationConfig(output=str(run_dir), thresholds=THRESHOLDS), "curate")
+    write_run_info(run_dir, CurationConfig(output=str(run_dir), thresholds=THRESHOLDS, clip={}), "curate")
     return clips
 
 

@@ -97,3 +97,18 @@ def test_clip_frames_for_the_video_captioner_are_evenly_spaced_inside_each_clip(
         # nothing extra when no stage asks for more than the key frames
         off = CurationConfig.model_validate({**tree, "caption": {**tree["caption"], "video": {"num_frames": 3}}})
         assert off.clip_frames_per_clip() == 0
+
+
+def test_a_clip_cut_is_bounded_and_counts_as_progress(monkeypatch):
+    """ffmpeg cutting a clip beats for the stall limit while it runs, and is ended by the clip's own limit."""
+    import time
+
+    import curation.video_task as video_task
+
+    beats = []
+    monkeypatch.setattr(video_task, "heartbeat", lambda: beats.append(time.monotonic()))
+    t = time.monotonic()
+    code, stderr = video_task._run_ffmpeg(["sleep", "30"], limit_s=2.5)
+    assert (code, stderr) == (-1, "timeout: no clip within 2 s") and time.monotonic() - t < 10
+    assert len(beats) >= 2 and max(b - a for a, b in zip(beats, beats[1:])) < 1.5
+    assert video_task._run_ffmpeg(["sh", "-c", "echo bad >&2; exit 3"], limit_s=10) == (3, "bad\n")

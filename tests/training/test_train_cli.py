@@ -38,3 +38,18 @@ def test_bench_train_prints_samples_per_second_and_data_wait(capsys):
     out = capsys.readouterr().out
     assert "real shards (1 loader workers)" in out and "synthetic in-memory batches" in out
     assert "data wait" in out and "of the in-memory throughput" in out
+
+
+@pytest.mark.parametrize("query, message", [
+    ("motion_score > 1000", "data.shards: the subset is empty: query 'motion_score > 1000' selects no sample of"),
+    ("motion_scor > 0.1", "data.shards: unknown column 'motion_scor' in 'motion_scor > 0.1'; did you mean motion_score?"),
+])
+def test_a_subset_that_selects_nothing_fails_before_the_launcher_starts(tmp_path, capsys, query, message):
+    from tests.training.train_helpers import make_shards, shard_data
+
+    shards = make_shards(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", stage_tree(tmp_path / "out", shard_data(shards, query=query)))
+    assert lvd(["train", str(recipe), "--nproc", "2"]) == 2  # torchrun would start two ranks
+    err = capsys.readouterr().err
+    assert message in err and "[rank" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
