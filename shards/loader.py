@@ -609,6 +609,7 @@ class ShardLoader:
         self.maker = BatchMaker(self.manifest, self.planner, config)
         self.epoch, self.consumed = 0, 0
         self.num_corrupt = 0
+        self.num_refused = self.planner.num_refused  # hostile names, left out of the plan (shards/names.py)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = ShardDataset(self.maker, (self.epoch, self.consumed), self.rank, self.world_size)

@@ -109,6 +109,14 @@ class Manifest:
         return [c for c in self.samples.columns
                 if c not in NOT_SCORES and self.samples[c].dtype.kind in "iuf"]
 
+    @cached_property
+    def refused(self) -> list[tuple[int, str]]:
+        """(row, why) of the samples whose key, shard or member names the writer could not have written
+        (shards/names.py): readers leave them out, `lvd shards verify` reports them."""
+        from shards.names import refused_rows
+
+        return refused_rows(self.table)
+
     def member_ranges(self, rows: np.ndarray, ext: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(offset within the sample, size, crc32) of member `ext` for each of `rows`; -1 where a sample lacks it."""
         import pyarrow.compute as pc

@@ -78,11 +78,12 @@ class SubsetPlanner:
     buckets: list[Bucket]
     excluded: dict[str, int] = field(default_factory=dict)
     fingerprint: str = ""
+    num_refused: int = 0             # subset samples left out for names the writer could not have written
     _cache: tuple[int, EpochPlan] | None = None
 
     @classmethod
     def build(cls, manifest: Manifest, config: LoaderConfig) -> "SubsetPlanner":
-        rows = subset_rows(manifest, config)
+        rows, num_refused = without_refused(manifest, subset_rows(manifest, config))
         if len(rows) == 0:
             raise ValueError(f"the subset is empty: query {config.query!r} selects no sample of {manifest.root}; "
                              "check it with `lvd shards query` and loosen it")
@@ -95,7 +96,7 @@ class SubsetPlanner:
         ordered = sorted(table)
         remap = np.array([ordered.index(b) for b in table] + [-1], dtype=np.int64)  # index -1 maps to -1
         video, image = remap[video], remap[image]
-        planner = cls(config, rows, video, image, ordered, excluded)
+        planner = cls(config, rows, video, image, ordered, excluded, num_refused=num_refused)
         planner.fingerprint = planner._fingerprint(manifest)
         if config.image_ratio < 1 and (video < 0).all():
             raise ValueError(f"no sample of the subset fits a video bucket ({excluded}); lower num_frames "
@@ -177,6 +178,20 @@ class SubsetPlanner:
         counts = pd.Series(self.video_bucket[self.video_bucket >= 0]).value_counts().sort_index()
         return {"samples": len(self.rows), "buckets": {str(self.buckets[k]): int(v) for k, v in counts.items()},
                 "excluded": dict(self.excluded), "fingerprint": self.fingerprint}
+
+
+def without_refused(manifest: Manifest, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """`rows` less the samples with hostile names (never read, never yielded), and how many those were."""
+    refused = manifest.refused
+    if not refused:
+        return rows, 0
+    mask = np.zeros(len(manifest.samples), bool)
+    mask[[r for r, _ in refused]] = True
+    kept = rows[~mask[rows]]
+    if len(kept) < len(rows):
+        log.warning("%d samples of the subset refused, e.g. %s; run `lvd shards verify %s` and rewrite the shards "
+                    "from their curation run", len(rows) - len(kept), refused[0][1], manifest.root)
+    return kept, len(rows) - len(kept)
 
 
 def subset_rows(manifest: Manifest, config: LoaderConfig) -> np.ndarray:

@@ -32,6 +32,7 @@ from shards.config import ShardWriteConfig
 from shards.decode import DecodeError, encode_jpg, first_last_frames
 from shards.manifest import (FORMAT, RESERVED, SHARD_PATTERN, SHARDS_SCHEMA, Manifest, manifest_schema,
                              part_table, read_part)
+from shards.names import key_problem, shard_problem
 from shards.source import (EMBEDDING_COLUMNS, EMBEDDING_FILE, CurationRun, embedding_file,
                            embedding_shape_column, manifest_columns, sample_json)
 from shards.tario import END_OF_ARCHIVE, crc32, sample_layout
@@ -319,6 +320,10 @@ def rewrite_shards(source: Manifest, rows: Iterable[int] | None, out_dir: str | 
         rec = _row_dict(rec)
         key = str(rec["key"])
         if key in resume.done_keys:
+            continue
+        refused = key_problem(key) or shard_problem(rec["shard"])
+        if refused:  # a hostile manifest: never read, never written, never a file name
+            skipped.append(Skipped(key, f"refused: {refused}"))
             continue
         try:
             members = {ext: bytes(v) for ext, v in reader.read(rec, verify=True).items()}
