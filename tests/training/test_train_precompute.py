@@ -107,3 +107,38 @@ def test_precompute_on_ray_tasks_gives_the_same_shards(setup, tmp_path, monkeypa
         for ext in a[key]:
             for name in a[key][ext]:
                 torch.testing.assert_close(a[key][ext][name], b[key][ext][name], rtol=1e-4, atol=1e-5)
+
+
+def test_training_skips_a_corrupt_sample_and_the_metrics_line_counts_it(setup, tmp_path, capsys):
+    """A flipped byte in one sample's latents (still a valid tensor): the loader's crc32 check skips it, and the
+    log line and metrics.jsonl say so."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from shards.manifest import Manifest
+    from training.loop import Trainer
+    from training.train_config import TrainConfig
+
+    root, *_ = setup
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "latents", shards)
+    manifest = Manifest.load(str(shards))
+    offset, size, _ = (int(a[0]) for a in manifest.member_ranges(np.array([4]), "latents.safetensors"))
+    rec = manifest.samples.iloc[4]
+    with open(shards / rec["shard"], "r+b") as f:
+        f.seek(int(rec["offset"]) + offset + size - 3)  # in the tensor data, not its header
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+    out = tmp_path / "stage"
+    # 9 samples in batches of 2, padded: 5 steps read every sample once
+    data = shard_data(shards, batch_size=2, image_ratio=0.0, shuffle=False, max_corrupt_fraction=0.2)
+    config = validate(TrainConfig, stage_tree(out, data, steps=5, init_from=str(root / "model"),
+                                              checkpoint={"every": 10}))
+    Trainer(config).run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    counts = [json.loads(line)["num_corrupt"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(counts) == [0, 0, 0, 0, 1]
+    assert sum("| corrupt 1 |" in line for line in lines) == 1 and sum("| corrupt 0 |" in line for line in lines) == 4
