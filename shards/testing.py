@@ -119,7 +119,7 @@ def repack_hostile(folder: Path, keys: dict[str, str] | None = None,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shards.manifest import SHARDS_SCHEMA, Manifest
+    from shards.manifest import SHARDS_SCHEMA, Manifest, part_name, part_table
     from shards.reader import SampleReader
     from shards.tario import BLOCK, END_OF_ARCHIVE, crc32, member_bytes
 
@@ -129,8 +129,9 @@ def repack_hostile(folder: Path, keys: dict[str, str] | None = None,
     by_shard: dict[str, list[dict]] = {}
     for rec in manifest.table.to_pylist():
         by_shard.setdefault(rec["shard"], []).append(rec)
-    rows, shard_rows = [], []
+    shard_rows = []
     for shard, recs in sorted(by_shard.items()):
+        rows = []
         files = [{ext: bytes(v) for ext, v in reader.read(rec).items()} for rec in recs]
         out = bytearray()
         for rec, sample in zip(recs, files):
@@ -147,6 +148,6 @@ def repack_hostile(folder: Path, keys: dict[str, str] | None = None,
         (Path(folder) / shard).write_bytes(out)
         shard_rows.append({"shard": shard, "num_samples": len(recs), "size_bytes": len(out),
                            "sha256": hashlib.sha256(out).hexdigest()})
+        pq.write_table(part_table(rows, manifest.schema, shard_rows[-1]), Path(folder) / part_name(shard))
     reader.close()
-    pq.write_table(pa.Table.from_pylist(rows, schema=manifest.table.schema), Path(folder) / "manifest.parquet")
     pq.write_table(pa.Table.from_pylist(shard_rows, schema=SHARDS_SCHEMA), Path(folder) / "shards.parquet")
