@@ -23,15 +23,16 @@ def call_task(fn: Callable, *args: Any) -> Any:
     return map_tasks(fn, [args])[0]
 
 
-def imap_tasks(fn: Callable, calls: list[tuple]) -> Iterator[Any]:
+def imap_tasks(fn: Callable, calls: list[tuple], **options: Any) -> Iterator[Any]:
     """fn(*args) for args in calls, yielded as they finish (in Ray tasks when Ray is up), so that the
-    caller can count progress and fold small results without waiting for the slowest task."""
+    caller can count progress and fold small results without waiting for the slowest task. `options` go to
+    ray.remote (e.g. num_gpus)."""
     import ray
 
     if not (ray.is_initialized() and calls):
         yield from (fn(*args) for args in calls)
         return
-    remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+    remote = ray.remote(**{"num_cpus": 1, "max_retries": 3, **options})(fn)
     pending = [remote.remote(*args) for args in calls]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)

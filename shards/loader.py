@@ -608,11 +608,13 @@ class ShardLoader:
     """Iterable of batches for one rank, with exact resume. See the module docstring."""
 
     def __init__(self, config: LoaderConfig, rank: int | None = None, world_size: int | None = None,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, rows: np.ndarray | None = None) -> None:
+        """`rows`: the subset as manifest rows, instead of config's query or subset file (a caller that has
+        computed it already, e.g. precompute's task for one shard)."""
         self.config = config
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.manifest = manifest or Manifest.load(config.shards)
-        self.planner = SubsetPlanner.build(self.manifest, config)
+        self.planner = SubsetPlanner.build(self.manifest, config, rows)
         self.maker = BatchMaker(self.manifest, self.planner, config)
         self.epoch, self.consumed = 0, 0
         self.num_read, self.num_corrupt, self.num_repeated = 0, 0, 0

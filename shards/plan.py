@@ -82,8 +82,10 @@ class SubsetPlanner:
     _cache: tuple[int, EpochPlan] | None = None
 
     @classmethod
-    def build(cls, manifest: Manifest, config: LoaderConfig) -> "SubsetPlanner":
-        rows, num_refused = without_refused(manifest, subset_rows(manifest, config))
+    def build(cls, manifest: Manifest, config: LoaderConfig, rows: np.ndarray | None = None) -> "SubsetPlanner":
+        if rows is None:
+            rows = subset_rows(manifest, config)
+        rows, num_refused = without_refused(manifest, np.asarray(rows, np.int64))
         if len(rows) == 0:
             raise ValueError(f"the subset is empty: query {config.query!r} selects no sample of {manifest.root}; "
                              "check it with `lvd shards query` and loosen it")

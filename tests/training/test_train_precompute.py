@@ -5,6 +5,7 @@ decoded ones."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_training_reads_precomputed_shards(setup, tmp_path):
 
 @pytest.mark.slow
 def test_precompute_on_ray_tasks_gives_the_same_shards(setup, tmp_path, monkeypatch):
-    """workers=2: two Ray tasks encode half the subset each; the latents and text states are those of the
+    """workers=2: one Ray task per source shard, two at a time; the latents and text states are those of the
     in-process run."""
     from safetensors.torch import load
 
@@ -142,3 +143,86 @@ def test_training_skips_a_corrupt_sample_and_the_metrics_line_counts_it(setup, t
     counts = [json.loads(line)["num_corrupt"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(counts) == [0, 0, 0, 0, 1]
     assert sum("| corrupt 1 |" in line for line in lines) == 1 and sum("| corrupt 0 |" in line for line in lines) == 4
+
+
+def _precompute_config(root, shards, output, **kw):
+    from training.precompute import PrecomputeConfig
+
+    return PrecomputeConfig(shards=str(shards), output=str(output), model=str(root / "model"), num_frames=4, fps=4.0,
+                            resolutions=RES, batch_size=4, **kw)
+
+
+def test_precompute_writes_one_shard_per_source_shard_no_per_sample_files_and_resumes_per_shard(
+        setup, tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    import training.precompute as pre
+    from shards.manifest import Manifest
+
+    root, shards, _, _ = setup
+    source = Manifest.load(str(shards))
+    renamed: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(str(b)), real_replace(a, b))[1])
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    out = tmp_path / "out"
+    first = pre.precompute(_precompute_config(root, shards, out))
+    m = Manifest.load(str(out))
+    n = len(source.shards)
+    assert first.num_encoded == first.num_samples == len(source.samples) == 9 and len(m.shards) == n > 1
+    # what became visible: each shard and its manifest file once, then the index; nothing per sample
+    assert len(renamed) == 2 * n + 3 and all(Path(p).parent in (out, out / "manifest") for p in renamed)
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(
+        [*m.shards["shard"], "shards.parquet", "info.json", "writer.json"])
+    assert list((tmp_path / "tmp").iterdir()) == []
+    # output shard g holds exactly the samples of source shard g
+    for g, shard in enumerate(source.shards["shard"]):
+        want = set(source.samples.loc[source.samples["shard"] == shard, "key"])
+        assert set(m.samples.loc[m.samples["shard"] == m.shards["shard"].iloc[g], "key"]) == want
+
+    # a run killed while writing shard 1: its tar was still a temporary file, its manifest file not written
+    victim = m.shards["shard"].iloc[1]
+    sha = dict(zip(m.shards["shard"], m.shards["sha256"]))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar")}
+    (out / victim).rename(out / f".{victim}.tmp")
+    (out / "manifest" / victim.replace(".tar", ".parquet")).unlink()
+    (out / "info.json").unlink()
+    encoded: list[str] = []
+    real_encode = pre.encode_batch
+    monkeypatch.setattr(pre, "encode_batch", lambda c, b: (encoded.extend(b["key"]), real_encode(c, b))[1])
+    again = pre.precompute(_precompute_config(root, shards, out))
+    assert sorted(encoded) == sorted(source.samples.loc[source.samples["shard"] == source.shards["shard"].iloc[1], "key"])
+    assert again.num_encoded == len(encoded) and again.num_samples == 9
+    m2 = Manifest.load(str(out))
+    assert dict(zip(m2.shards["shard"], m2.shards["sha256"])) == sha, "the same bytes as the uninterrupted run"
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.tar") if p.name != victim} == \
+        {k: v for k, v in mtimes.items() if k != victim}, "finished shards were not rewritten"
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("key", ["../outside/x", "ABSOLUTE"])
+def test_precompute_never_writes_outside_its_output_folder(setup, tmp_path, key):
+    import json
+    import shutil
+
+    from shards.manifest import Manifest
+    from shards.testing import repack_hostile
+    from training.precompute import precompute
+
+    root, shards, _, _ = setup
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    key = f"/../../../..{outside}/x" if key == "ABSOLUTE" else key
+    hostile = tmp_path / "hostile"
+    shutil.copytree(shards, hostile)
+    victim = str(Manifest.load(str(hostile)).samples["key"].iloc[2])
+    repack_hostile(hostile, keys={victim: key})
+    out = tmp_path / "out"
+    summary = precompute(_precompute_config(root, hostile, out))
+    assert list(outside.iterdir()) == [] and not Path(f"{key}.latents.safetensors").exists()
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in out.rglob("*"))
+    skipped = json.loads((out / "info.json").read_text())["skipped"]
+    assert [s["key"] for s in skipped] == [key] and "refused" in skipped[0]["reason"]
+    assert summary.num_encoded == summary.num_samples == 8
