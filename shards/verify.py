@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from shards.manifest import EMBEDDING_SHAPES, Manifest, join
+from shards.manifest import EMBEDDING_SHAPES, Manifest, join, part_name
 from shards.names import member_problem, shard_problem
 from shards.reader import SampleReader
 from shards.tario import SampleFormatError, crc32, parse_sample
@@ -98,13 +99,10 @@ def verify(root: str, workers: int = 4, quick: bool = False) -> VerifyReport:
     known = set(manifest.shards["shard"])
     report.stray = sorted(n for n in listing if n.startswith("shard-") and n.endswith(".tar") and n not in known)
     report.temporary = sorted(n for n in listing if n.startswith(".shard-") and n.endswith(".tmp"))
-    table = manifest.table
-    keys, shards = table.column("key").to_pylist(), table.column("shard").to_pylist()
-    report.refused = [(str(keys[row]), why) for row, why in manifest.refused]
+    refused = manifest.refused
+    keys = manifest.take(np.array([r for r, _ in refused], np.int64), ["key"]).column("key").to_pylist()
+    report.refused = [(str(key), why) for key, (_, why) in zip(keys, refused)]
     report.refused += [(str(n), why) for n in manifest.shards["shard"] if (why := shard_problem(n))]
-    keys_of: dict[str, set[str]] = {}
-    for key, shard in zip(keys, shards):
-        keys_of.setdefault(shard, set()).add(key)
     member_refusals: list[tuple[str, str]] = []
 
     def check(row: dict) -> ShardProblem | None:
@@ -123,7 +121,8 @@ def verify(root: str, workers: int = 4, quick: bool = False) -> VerifyReport:
         digest, _ = sha256_of(fs, join(path, name))
         if digest != row["sha256"]:
             return ShardProblem(name, "checksum: sha256 differs from the manifest")
-        member_refusals.extend((name, why) for why in member_problems(fs, join(path, name), keys_of.get(name, set())))
+        keys = set(pq.read_table(join(path, part_name(name)), columns=["key"], filesystem=fs).column("key").to_pylist())
+        member_refusals.extend((name, why) for why in member_problems(fs, join(path, name), keys))
         return None
 
     rows = manifest.shards.to_dict("records")
