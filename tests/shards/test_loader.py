@@ -229,9 +229,9 @@ def test_object_storage_urls_read_the_same_batches(shards_dir):
     import fsspec
 
     fs = fsspec.filesystem("memory")
-    for path in shards_dir.iterdir():
+    for path in shards_dir.rglob("*"):
         if path.is_file():
-            fs.pipe(f"/lvd-test-shards/{path.name}", path.read_bytes())
+            fs.pipe(f"/lvd-test-shards/{path.relative_to(shards_dir)}", path.read_bytes())
     local = list(ShardLoader(loader_config(shards_dir, epochs=1, remainder="uneven")))
     remote = list(ShardLoader(loader_config("memory://lvd-test-shards", epochs=1, remainder="uneven")))
     assert len(local) == len(remote)
