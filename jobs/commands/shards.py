@@ -39,6 +39,14 @@ examples:
   lvd shards query shards/cur1 "keep and motion_score > 0.02" --compact shards/stage3"""
 
 
+PLAN_EPILOG = """examples:
+  lvd shards plan shards/cur1 plans/stage2 --epochs 4 --set "query=keep and aesthetic >= pct(aesthetic, 20)" \\
+      --set batch_size=8 --set num_frames=[14] --set "resolutions=[[320, 576], [576, 320]]"
+
+A rank reads its batches with shards.plan_file.RankSlice(PLAN, rank, world_size): row groups holding none of
+them are skipped, so its memory does not grow with the dataset."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="write, verify, inspect and query WebDataset shards",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +100,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="writer setting for --compact, e.g. --set shard_max_bytes=256MiB")
     q.add_argument("--show", type=int, default=5, help="print this many selected keys (default 5)")
     q.set_defaults(run=run_query)
+
+    pl = which.add_parser("plan", help="write a training stage's plan once: subset, buckets, per-epoch batch order",
+                          description="Builds the loader's plan (subset, buckets, batches of each epoch) once and "
+                                      "writes it as parquet; each training rank then reads only its own batches. "
+                                      "Settings are the loader's (data.shards of a training recipe).",
+                          epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("shards", help="shard folder or fsspec URL")
+    pl.add_argument("out", help="folder to write the plan into (plan.json, subset.parquet, epoch-*.parquet)")
+    pl.add_argument("--epochs", type=int, default=1, help="epochs to plan (default 1)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="loader setting, e.g. --set query='aesthetic >= 5' --set batch_size=8 (repeatable)")
+    pl.set_defaults(run=run_plan)
 
 
 def _fail(args: argparse.Namespace, e: Exception) -> int:
@@ -201,4 +221,19 @@ def run_query(args: argparse.Namespace) -> int:
         except (ValueError, FileNotFoundError) as e:
             return _fail(args, e)
         print("\n".join(summary.lines()))
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from common.config import apply_overrides, validate
+    from shards.config import LoaderConfig
+    from shards.manifest import Manifest
+    from shards.plan_file import write_plan
+
+    try:
+        config = validate(LoaderConfig, apply_overrides({"shards": args.shards}, args.overrides), source="loader settings")
+        summary = write_plan(Manifest.load(args.shards), config, args.out, args.epochs)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(args, e)
+    print("\n".join(summary.lines()))
     return 0
