@@ -41,7 +41,8 @@ class ShardWriteConfig(Config):
     frame_max_side: int | None = None
     """Downscale the first/last frame jpgs so their long side is at most this (None: clip resolution)."""
     workers: int = 1
-    """Processes preparing samples (decoding first and last frames); the tar writing itself is sequential."""
+    """`lvd shards write`: CPUs of the local Ray that packs ledger files in parallel, one task per file
+    (1: in the command's own process; with RAY_ADDRESS set, the tasks run on that cluster instead)."""
 
     @pydantic.field_validator("shard_max_bytes", mode="before")
     @classmethod
@@ -81,7 +82,7 @@ class LoaderConfig(Config):
     """The streaming loader of one training stage: which samples, in what order, decoded to what shape."""
 
     shards: str
-    """Folder or fsspec URL (file://, s3://, gs://, ...) holding manifest.parquet and the shards."""
+    """Folder or fsspec URL (file://, s3://, gs://, ...) holding the shards and their manifest/."""
     query: str | None = None
     """The stage's subset, e.g. "aesthetic >= 5 and motion_score between 0.01 and 0.3"; see shards/query.py.
     None reads every sample (an error on shards written with selection=all_usable: say "keep" or "true")."""

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.config import LoaderConfig
 from shards.decode import decode_image, decode_window
-from shards.manifest import Manifest
+from shards.manifest import Manifest, member_ranges
 from shards.plan import IMAGE, LATENTS, VIDEO, Bucket, SubsetPlanner
 from shards.reader import SampleReader, coalesce
 from shards.source import EMBEDDING_COLUMNS, EMBEDDING_FILE, embedding_shape_column
@@ -65,6 +65,9 @@ from shards.tario import SampleFormatError, crc32, parse_sample
 
 log = logging.getLogger("lvd.shards")
 STATE_FORMAT = 1
+# Manifest columns the loader reads for each subset sample (besides scores, captions and embedding shapes).
+SAMPLE_COLUMNS = ("key", "shard", "offset", "size_bytes", "crc32", "members", "width", "height", "duration_s")
+MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "text.safetensors", EMBEDDING_FILE)
 # max_corrupt_fraction is of at least this many samples: one bad sample among the first few read is no reason
 # to stop a run
 MIN_READ_FOR_FRACTION = 100
@@ -72,7 +75,6 @@ MIN_READ_FOR_FRACTION = 100
 
 class CorruptDataError(RuntimeError):
     """More of the samples read were corrupt than LoaderConfig.max_corrupt_fraction allows."""
-MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "text.safetensors", EMBEDDING_FILE)
 
 
 def _corrupt_errors() -> tuple[type[BaseException], ...]:
@@ -120,7 +122,12 @@ class BatchMaker:
         self.config = config
         self.planner = planner
         rows = planner.rows
-        frame = manifest.samples.iloc[rows].reset_index(drop=True)
+        names = set(manifest.schema.names)
+        columns = [c for c in (*SAMPLE_COLUMNS, "motion_bucket", "captions", *manifest.score_columns,
+                               *(embedding_shape_column(c) for c in EMBEDDING_COLUMNS)) if c in names]
+        table = manifest.take(rows, list(dict.fromkeys(columns)))  # the subset's columns this loader uses
+        members = table.column("members").combine_chunks()
+        frame = table.drop(["members"]).to_pandas()
         # flat arrays, not a dict per sample: forked workers share them without copying millions of objects
         self.keys = frame["key"].to_numpy(dtype=object)
         self.shard_names, self.shard_of = np.unique(frame["shard"].to_numpy(dtype=object).astype(str),
@@ -128,7 +135,7 @@ class BatchMaker:
         self.offset = frame["offset"].to_numpy(dtype=np.int64)
         self.size = frame["size_bytes"].to_numpy(dtype=np.int64)
         self.crc = frame["crc32"].to_numpy(dtype=np.int64)
-        self.members = {ext: manifest.member_ranges(rows, ext) for ext in MEMBER_FILES}
+        self.members = {ext: member_ranges(members, ext) for ext in MEMBER_FILES}
         self.width = frame["width"].to_numpy(dtype=np.int64)
         self.height = frame["height"].to_numpy(dtype=np.int64)
         self.duration = frame["duration_s"].to_numpy(dtype=float, na_value=np.nan)

@@ -156,7 +156,8 @@ class Manifest:
             part = pq.read_table(self.part_paths[f], columns=columns, filesystem=self.fs, schema=self.schema)
             pieces.append(part.take(pa.array(local)))
         if not pieces:
-            return self.schema.empty_table().select(columns)
+            empty = self.schema.empty_table()
+            return empty if columns is None else empty.select(columns)
         return pa.concat_tables(pieces)
 
     @cached_property
@@ -181,22 +182,11 @@ class Manifest:
         (shards/names.py): readers leave them out, `lvd shards verify` reports them."""
         from shards.names import refused_rows
 
-        return refused_rows(self.scan(["key", "shard", "members"]))
+        return refused_rows(self.scan([c for c in ("key", "shard", "members") if c in self.schema.names]))
 
     def member_ranges(self, rows: np.ndarray, ext: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(offset within the sample, size, crc32) of member `ext` for each of `rows`; -1 where a sample lacks it."""
-        import pyarrow.compute as pc
-
-        col = self.take(rows, ["members"]).column("members").combine_chunks()
-        out = [np.full(len(rows), -1, dtype=np.int64) for _ in range(3)]
-        if len(rows) == 0:
-            return tuple(out)
-        flat = pc.list_flatten(col)
-        parents = pc.list_parent_indices(col).to_numpy()
-        hit = pc.equal(flat.field("ext"), ext).to_numpy(zero_copy_only=False)
-        for arr, name in zip(out, ("offset", "size", "crc32")):
-            arr[parents[hit]] = flat.field(name).to_numpy(zero_copy_only=False)[hit]
-        return tuple(out)
+        return member_ranges(self.take(rows, ["members"]).column("members").combine_chunks(), ext)
 
     def select(self, query: str | None) -> np.ndarray:
         """Rows (ascending) of the samples that satisfy `query`; all rows when it is None. A scan of the
@@ -216,6 +206,22 @@ class Manifest:
         h.update("\n".join(self.shards["shard"]).encode())
         h.update("\n".join(self.shards["sha256"]).encode())
         return h.hexdigest()[:16]
+
+
+def member_ranges(members: pa.ListArray, ext: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offset within the sample, size, crc32) of member `ext` for each sample of a `members` column; -1 where
+    a sample lacks it. Vectorised: no Python object per sample."""
+    import pyarrow.compute as pc
+
+    out = [np.full(len(members), -1, dtype=np.int64) for _ in range(3)]
+    if len(members) == 0:
+        return tuple(out)
+    flat = pc.list_flatten(members)
+    parents = pc.list_parent_indices(members).to_numpy()
+    hit = pc.equal(flat.field("ext"), ext).to_numpy(zero_copy_only=False)
+    for arr, name in zip(out, ("offset", "size", "crc32")):
+        arr[parents[hit]] = flat.field(name).to_numpy(zero_copy_only=False)[hit]
+    return tuple(out)
 
 
 def part_table(rows: list[dict[str, Any]], schema: pa.Schema, shard_row: dict[str, Any]) -> pa.Table:

@@ -323,7 +323,7 @@ def compile_query(query: str, schema: pa.Schema, con, source: str) -> Compiled:
 
     def percentile(column_sql: str, q: float) -> float | None:
         return con.execute(f"SELECT quantile_cont({column_sql}, {q!r}) FROM {source} "
-                           f"WHERE {column_sql} IS NOT NULL").fetchone()[0]
+                           f"WHERE {column_sql} IS NOT NULL").fetchall()[0][0]
 
     compiler = _Compiler(query, schema, percentile)
     where = compiler.parse()

@@ -109,6 +109,27 @@ def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps:
     return clips
 
 
+def manifest_of(samples: pd.DataFrame, folder: str | Path | None = None, **info) -> "Manifest":
+    """A shard folder holding only a manifest of `samples` (one manifest file, no tars): for plan tests and
+    benchmarks that need no sample bytes."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards.manifest import Manifest, part_name
+    from shards.writer import write_index
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="lvd-manifest-"))
+    shard = "shard-000000-00000.tar"
+    table = pa.Table.from_pandas(samples.assign(shard=shard), preserve_index=False)
+    (folder / "manifest").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / part_name(shard))
+    write_index(folder, [{"shard": shard, "num_samples": len(samples), "size_bytes": 0, "sha256": ""}],
+                {"selection": "keep", "num_skipped": 0, **info})
+    return Manifest.load(str(folder))
+
+
 def repack_hostile(folder: Path, keys: dict[str, str] | None = None,
                    members: dict[str, dict[str, str]] | None = None) -> None:
     """Rewrites a (small) shard folder in place as an attacker would: sample k's key becomes keys[k] in the

@@ -274,7 +274,7 @@ def test_object_storage_urls_read_the_same_batches(shards_dir):
     fs = fsspec.filesystem("memory")
     for path in shards_dir.rglob("*"):
         if path.is_file():
-            fs.pipe(f"/lvd-test-shards/{path.relative_to(shards_dir).as_posix()}", path.read_bytes())
+            fs.pipe(f"/lvd-test-shards/{path.relative_to(shards_dir)}", path.read_bytes())
     local = list(ShardLoader(loader_config(shards_dir, epochs=1, remainder="uneven")))
     remote = list(ShardLoader(loader_config("memory://lvd-test-shards", epochs=1, remainder="uneven")))
     assert len(local) == len(remote)
