@@ -196,17 +196,19 @@ class SubsetPlanner:
 
 
 def without_refused(manifest: Manifest, rows: np.ndarray) -> tuple[np.ndarray, int]:
-    """`rows` less the samples with hostile names (never read, never yielded), and how many those were."""
-    refused = manifest.refused
+    """`rows` less the samples whose key or shard name the writer could not have written (shards/names.py):
+    never read, never yielded. A projected read of the two columns for the subset's rows. (Member extensions
+    are not checked here: the loader looks members up by its own fixed names.)"""
+    from shards.names import refused_rows
+
+    refused = refused_rows(manifest.take(rows, ["key", "shard"])) if len(rows) else []
     if not refused:
         return rows, 0
-    mask = np.zeros(len(manifest.samples), bool)
-    mask[[r for r, _ in refused]] = True
-    kept = rows[~mask[rows]]
-    if len(kept) < len(rows):
-        log.warning("%d samples of the subset refused, e.g. %s; run `lvd shards verify %s` and rewrite the shards "
-                    "from their curation run", len(rows) - len(kept), refused[0][1], manifest.root)
-    return kept, len(rows) - len(kept)
+    mask = np.ones(len(rows), bool)
+    mask[[r for r, _ in refused]] = False
+    log.warning("%d samples of the subset refused, e.g. %s; run `lvd shards verify %s` and rewrite the shards "
+                "from their curation run", len(refused), refused[0][1], manifest.root)
+    return rows[mask], len(refused)
 
 
 def subset_rows(manifest: Manifest, config: LoaderConfig) -> np.ndarray:

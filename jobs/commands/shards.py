@@ -69,12 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--no-progress", action="store_true", help="no progress line")
     w.set_defaults(run=run_write)
 
-    v = which.add_parser("verify", help="check every shard against the manifest's sizes and checksums",
+    v = which.add_parser("verify", help="check every shard against the manifest's sizes, checksums and names",
                          description="Reads every shard and compares its size and sha256 with the manifest; a "
                                      "damaged shard is then checked sample by sample to name the damaged samples. "
-                                     "Exit status 1 when anything is damaged or missing.")
+                                     "Checks every key, shard and tar member name with the writer's rule (no '/', "
+                                     "no '..', no absolute paths, no control characters, regular files only). "
+                                     "Exit status 1 when anything is damaged, missing or refused.")
     v.add_argument("shards", help="shard folder or fsspec URL (holds manifest/ and shards.parquet)")
-    v.add_argument("--quick", action="store_true", help="compare sizes only (finds truncation, not flipped bytes)")
+    v.add_argument("--quick", action="store_true", help="compare sizes only (finds truncation, not flipped bytes; "
+                                                        "names from the manifest only, not the tar headers)")
     v.add_argument("--workers", type=int, default=4, help="shards hashed in parallel (default 4)")
     v.set_defaults(run=run_verify)
 
