@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from shards.names import shard_problem
 from shards.source import EMBEDDING_COLUMNS, embedding_shape_column
 
 FORMAT = "lvd-shards/2"
@@ -110,6 +111,11 @@ class Manifest:
             raise ValueError(f"{root} holds shards of format {info.get('format')!r}, this lvd reads {FORMAT!r}; "
                              "rewrite them with this version's `lvd shards write`")
         shards = pq.read_table(join(path, "shards.parquet"), filesystem=fs).to_pandas()
+        hostile = [why for name in shards["shard"] if (why := shard_problem(name))]
+        if hostile:  # shard names become paths (the manifest files, the tars): refuse before any is opened
+            raise ValueError(f"{root}/shards.parquet lists {len(hostile)} shards lvd could not have written "
+                             f"({hostile[0]}); do not read these shards: rewrite them with `lvd shards write` from "
+                             "their curation run")
         return cls(root, shards, info, fs, path)
 
     def shard_url(self, shard: str) -> str:

@@ -87,3 +87,18 @@ def test_compacted_copy_writes_nothing_outside_its_folder(case, shards_copy, vic
     skipped = {s["key"]: s["reason"] for s in json.loads((out / "info.json").read_text())["skipped"]}
     assert list(skipped) == [key] and ("refused" in skipped[key] or "member" in skipped[key])
     assert main(["shards", "verify", str(out)]) == 0
+
+
+def test_a_hostile_shard_name_is_refused_before_anything_is_opened(shards_copy, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shards_copy / "shards.parquet")
+    names = table.column("shard").to_pylist()
+    names[1] = f"../{tmp_path.name}/outside.tar"
+    pq.write_table(table.set_column(0, "shard", pa.array(names)), shards_copy / "shards.parquet")
+    assert main(["shards", "verify", str(shards_copy)]) != 0
+    err = capsys.readouterr().err
+    assert "lists 1 shards lvd could not have written" in err and "climbs out of its folder" in err
+    with pytest.raises(ValueError, match="do not read these shards"):
+        ShardLoader(loader_config(shards_copy))
