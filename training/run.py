@@ -36,9 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"training.run: {e}", file=sys.stderr)
         return 2
+    from shards.loader import CorruptDataError
     from training.loop import Trainer
 
-    Trainer(config).run()
+    try:
+        Trainer(config).run()
+    except CorruptDataError as e:  # the data, not the code: one line saying what to do (the launcher stops the other ranks)
+        print(f"training.run: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -110,17 +110,14 @@ def test_precompute_on_ray_tasks_gives_the_same_shards(setup, tmp_path, monkeypa
                 torch.testing.assert_close(a[key][ext][name], b[key][ext][name], rtol=1e-4, atol=1e-5)
 
 
-def test_training_skips_a_corrupt_sample_and_the_metrics_line_counts_it(setup, tmp_path, capsys):
-    """A flipped byte in one sample's latents (still a valid tensor): the loader's crc32 check skips it, and the
-    log line and metrics.jsonl say so."""
-    import json
+@pytest.fixture
+def corrupt_latents(setup, tmp_path):
+    """A copy of the precomputed shards with a flipped byte in sample 4's latents (still a valid tensor)."""
     import shutil
 
     import numpy as np
 
     from shards.manifest import Manifest
-    from training.loop import Trainer
-    from training.train_config import TrainConfig
 
     root, *_ = setup
     shards = tmp_path / "shards"
@@ -133,9 +130,20 @@ def test_training_skips_a_corrupt_sample_and_the_metrics_line_counts_it(setup, t
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x10]))
+    return shards
+
+
+def test_training_skips_a_corrupt_sample_and_the_metrics_line_counts_it(setup, corrupt_latents, tmp_path, capsys):
+    """The loader's crc32 check skips the sample, and the log line and metrics.jsonl say so."""
+    import json
+
+    from training.loop import Trainer
+    from training.train_config import TrainConfig
+
+    root, *_ = setup
     out = tmp_path / "stage"
     # 9 samples in batches of 2, padded: 5 steps read every sample once
-    data = shard_data(shards, batch_size=2, image_ratio=0.0, shuffle=False, max_corrupt_fraction=0.2)
+    data = shard_data(corrupt_latents, batch_size=2, image_ratio=0.0, shuffle=False, max_corrupt_fraction=0.2)
     config = validate(TrainConfig, stage_tree(out, data, steps=5, init_from=str(root / "model"),
                                               checkpoint={"every": 10}))
     Trainer(config).run()
@@ -143,6 +151,20 @@ def test_training_skips_a_corrupt_sample_and_the_metrics_line_counts_it(setup, t
     counts = [json.loads(line)["num_corrupt"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(counts) == [0, 0, 0, 0, 1]
     assert sum("| corrupt 1 |" in line for line in lines) == 1 and sum("| corrupt 0 |" in line for line in lines) == 4
+
+
+def test_a_run_past_the_corrupt_ceiling_stops_with_one_line(setup, corrupt_latents, tmp_path, capsys):
+    from tests.training.train_helpers import write_recipe
+    from training.run import main
+
+    root, *_ = setup
+    data = shard_data(corrupt_latents, batch_size=2, image_ratio=0.0, shuffle=False, max_corrupt_fraction=0.0)
+    recipe = write_recipe(tmp_path / "stage.yaml", stage_tree(tmp_path / "stage", data, steps=5,
+                                                              init_from=str(root / "model"), checkpoint={"every": 10}))
+    assert main([str(recipe)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("training.run: 1 of the ") and "max_corrupt_fraction (0.0)" in err[-1]
+    assert "lvd shards verify" in err[-1] and "Traceback" not in "\n".join(err)
 
 
 def _precompute_config(root, shards, output, **kw):
