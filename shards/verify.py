@@ -7,7 +7,8 @@ manifest). It also reports shard files missing, stray (in the folder but not the
 temporary files.
 
 Names are checked with the writer's own rule (shards/names.py): every key, shard and member extension in the
-manifest, and (unless quick) the name and type of every member in each tar, read from its headers alone. A
+manifest (shards.parquet's shard names already when it is loaded), and (unless quick) the name and type of
+every member in each tar, read from its headers alone. A
 name the writer could not have written (`../`, an absolute path, a control character, a link) is an error:
 such a shard is hostile, whatever its checksums say.
 """
@@ -25,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from shards.manifest import EMBEDDING_SHAPES, Manifest, join, part_name
-from shards.names import member_problem, shard_problem
+from shards.names import member_problem
 from shards.reader import SampleReader
 from shards.tario import SampleFormatError, crc32, parse_sample
 
@@ -102,13 +103,10 @@ def verify(root: str, workers: int = 4, quick: bool = False) -> VerifyReport:
     refused = manifest.refused
     keys = manifest.take(np.array([r for r, _ in refused], np.int64), ["key"]).column("key").to_pylist()
     report.refused = [(str(key), why) for key, (_, why) in zip(keys, refused)]
-    report.refused += [(str(n), why) for n in manifest.shards["shard"] if (why := shard_problem(n))]
     member_refusals: list[tuple[str, str]] = []
 
     def check(row: dict) -> ShardProblem | None:
         name = row["shard"]
-        if shard_problem(name):
-            return None  # refused above; never joined to a path
         info = listing.get(name)
         if info is None:
             return ShardProblem(name, "missing")
