@@ -11,9 +11,10 @@ one machine and written as parquet:
                                 crc32, members, width, height, duration_s, ...), in row groups of
                                 ROW_GROUP rows
 
-A rank reads only its own batches of an epoch file: row groups whose batch range holds none of them are
-skipped (footer statistics), the others are read one at a time and filtered, so its memory is one row group
-and one batch, whatever the size of the dataset. Its batches are those of `SubsetPlanner.rank_stream`: rank r
+A rank keeps only its own batches of an epoch file: it reads the file one row group at a time (those whose
+batch range holds none of its batches, e.g. before a resumed position, are skipped by their footer
+statistics) and filters it, so its memory is one row group and one batch, whatever the size of the dataset.
+(Its reads still cover the epoch file's row groups, as batches are dealt round-robin to ranks.) Its batches are those of `SubsetPlanner.rank_stream`: rank r
 of W gets batches c + r, c + r + W, ... of the epoch (c: batches consumed when the pass starts), data-loader
 worker k of K every K-th of them, so resume and a change of world size behave exactly as the in-process plan.
 """
