@@ -8,8 +8,8 @@ one machine and written as parquet:
                                 image_bucket
     epoch-00000.parquet ...     one row per sample of each planned batch, in batch order: batch, slot, bucket,
                                 position, and the manifest columns a reader needs (key, shard, byte range,
-                                crc32, members, width, height, duration_s, ...), in row groups of
-                                ROW_GROUP rows
+                                crc32, members, width, height, duration_s, captions, scores, ...), in row
+                                groups of ROW_GROUP rows
 
 A rank keeps only its own batches of an epoch file: it reads the file one row group at a time (those whose
 batch range holds none of its batches, e.g. before a resumed position, are skipped by their footer
@@ -34,10 +34,12 @@ import pyarrow.parquet as pq
 from shards.config import LoaderConfig
 from shards.manifest import Manifest, join
 from shards.plan import SubsetPlanner
+from shards.source import EMBEDDING_COLUMNS, embedding_shape_column
 
 FORMAT = "lvd-plan/1"
 ROW_GROUP = 65_536
-# Manifest columns copied into the epoch files (those the shard has), so that a rank reads nothing else.
+# Manifest columns copied into the epoch files (those the shards have; and every score and embedding shape),
+# so that a rank reads nothing else.
 READ_COLUMNS = ("key", "shard", "offset", "size_bytes", "crc32", "members", "width", "height", "duration_s",
                 "fps", "motion_bucket", "captions", "latents_shape", "text_shape")
 
@@ -63,7 +65,9 @@ def write_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs
     if epochs < 1:
         raise ValueError(f"epochs ({epochs}) must be at least 1: the plan is written epoch by epoch")
     planner = SubsetPlanner.build(manifest, config)
-    columns = [c for c in READ_COLUMNS if c in manifest.schema.names]
+    names = manifest.schema.names
+    columns = list(dict.fromkeys([*(c for c in READ_COLUMNS if c in names), *manifest.score_columns,
+                                  *(embedding_shape_column(c) for c in EMBEDDING_COLUMNS if embedding_shape_column(c) in names)]))
     samples = manifest.take(planner.rows, columns)
     fs, path = fsspec.core.url_to_fs(str(out))
     fs.makedirs(path, exist_ok=True)
