@@ -152,13 +152,17 @@ class Manifest:
         pushdown: only those columns (and the row groups the filter can match) are read."""
         return self.dataset().to_table(columns=columns, filter=filter)
 
-    def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        """`columns` of the samples at `rows` (ascending), reading only the manifest files that hold them."""
+    def take(self, rows: np.ndarray, columns: list[str] | None) -> pa.Table:
+        """`columns` (None: all) of the samples at `rows` (ascending), reading only the manifest files that
+        hold them."""
         rows = np.asarray(rows, np.int64)
-        files = np.searchsorted(self.part_starts, rows, side="right") - 1
+        if len(rows) and (np.diff(rows) < 0).any():
+            raise ValueError("Manifest.take needs ascending rows")
+        # rows ascend, so each file's rows are one run: its bounds by binary search, not a mask per file
+        bounds = np.searchsorted(rows, self.part_starts)
         pieces = []
-        for f in np.unique(files):
-            local = rows[files == f] - self.part_starts[f]
+        for f in np.flatnonzero(np.diff(bounds)):
+            local = rows[bounds[f] : bounds[f + 1]] - self.part_starts[f]
             part = pq.read_table(self.part_paths[f], columns=columns, filesystem=self.fs, schema=self.schema)
             pieces.append(part.take(pa.array(local)))
         if not pieces:

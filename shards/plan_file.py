@@ -8,12 +8,13 @@ one machine and written as parquet:
                                 image_bucket
     epoch-00000.parquet ...     one row per sample of each planned batch, in batch order: batch, slot, bucket,
                                 position, and the manifest columns a reader needs (key, shard, byte range,
-                                crc32, members, width, height, duration_s, ...), in row groups of
-                                ROW_GROUP rows
+                                crc32, members, width, height, duration_s, captions, scores, ...), in row
+                                groups of ROW_GROUP rows
 
-A rank reads only its own batches of an epoch file: row groups whose batch range holds none of them are
-skipped (footer statistics), the others are read one at a time and filtered, so its memory is one row group
-and one batch, whatever the size of the dataset. Its batches are those of `SubsetPlanner.rank_stream`: rank r
+A rank keeps only its own batches of an epoch file: it reads the file one row group at a time (those whose
+batch range holds none of its batches, e.g. before a resumed position, are skipped by their footer
+statistics) and filters it, so its memory is one row group and one batch, whatever the size of the dataset.
+(Its reads still cover the epoch file's row groups, as batches are dealt round-robin to ranks.) Its batches are those of `SubsetPlanner.rank_stream`: rank r
 of W gets batches c + r, c + r + W, ... of the epoch (c: batches consumed when the pass starts), data-loader
 worker k of K every K-th of them, so resume and a change of world size behave exactly as the in-process plan.
 """
@@ -33,10 +34,12 @@ import pyarrow.parquet as pq
 from shards.config import LoaderConfig
 from shards.manifest import Manifest, join
 from shards.plan import SubsetPlanner
+from shards.source import EMBEDDING_COLUMNS, embedding_shape_column
 
 FORMAT = "lvd-plan/1"
 ROW_GROUP = 65_536
-# Manifest columns copied into the epoch files (those the shard has), so that a rank reads nothing else.
+# Manifest columns copied into the epoch files (those the shards have; and every score and embedding shape),
+# so that a rank reads nothing else.
 READ_COLUMNS = ("key", "shard", "offset", "size_bytes", "crc32", "members", "width", "height", "duration_s",
                 "fps", "motion_bucket", "captions", "latents_shape", "text_shape")
 
@@ -62,7 +65,9 @@ def write_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs
     if epochs < 1:
         raise ValueError(f"epochs ({epochs}) must be at least 1: the plan is written epoch by epoch")
     planner = SubsetPlanner.build(manifest, config)
-    columns = [c for c in READ_COLUMNS if c in manifest.schema.names]
+    names = manifest.schema.names
+    columns = list(dict.fromkeys([*(c for c in READ_COLUMNS if c in names), *manifest.score_columns,
+                                  *(embedding_shape_column(c) for c in EMBEDDING_COLUMNS if embedding_shape_column(c) in names)]))
     samples = manifest.take(planner.rows, columns)
     fs, path = fsspec.core.url_to_fs(str(out))
     fs.makedirs(path, exist_ok=True)

@@ -301,7 +301,6 @@ def write_shards(run_dir: str | Path, out_dir: str | Path, config: ShardWriteCon
                   "embedding_columns": [c for c in EMBEDDING_COLUMNS if c in ledger_schema.names],
                   **config.model_dump(exclude={"workers"})}
     prepare_out_dir(out_dir, writer_doc)
-    (out_dir / INFO).unlink(missing_ok=True)  # the folder is incomplete until this run has finished
     calls = [(str(run.run_dir), str(out_dir), g, str(path), config, columns, schema) for g, path in enumerate(files)]
     shard_rows: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
@@ -344,7 +343,6 @@ def rewrite_shards(source: Manifest, rows: Iterable[int] | None, out_dir: str | 
                   "selected": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
                   "adds_files": add_files is not None, **config.model_dump(exclude={"workers", "selection"})}
     prepare_out_dir(out_dir, writer_doc)
-    (out_dir / INFO).unlink(missing_ok=True)
     resume = resume_group(out_dir, 0)
     done = set(resume.done_keys.to_pylist())
     reader = SampleReader(source.root)

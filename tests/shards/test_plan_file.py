@@ -45,6 +45,7 @@ def test_two_ranks_two_workers_read_disjoint_batches_covering_the_plan(manifest,
     config = _config(remainder=remainder, image_ratio=0.25, epochs=2)
     summary = write_plan(manifest, config, tmp_path / "plan", epochs=2)
     planner = SubsetPlanner.build(manifest, config)
+    aesthetic = manifest.table.column("aesthetic").to_numpy()  # scores travel with the batch
     assert summary.fingerprint == planner.fingerprint and summary.num_samples == len(planner.rows) < manifest.num_samples
     for epoch in range(2):
         plan = planner.plan(epoch)
@@ -56,6 +57,7 @@ def test_two_ranks_two_workers_read_disjoint_batches_covering_the_plan(manifest,
                 bucket, items = plan.batch(b.batch_index)
                 assert b.bucket == bucket and b.samples.column("position").to_pylist() == items.tolist()
                 assert b.samples.column("key").to_pylist() == [f"k{planner.rows[i]:03d}" for i in items]
+                assert b.samples.column("aesthetic").to_pylist() == aesthetic[planner.rows[items]].tolist()
         read = Counter(b.batch_index for batches in got.values() for b in batches)
         if remainder == "pad":  # every batch, and the last step filled with the epoch's first batches
             assert set(read) == set(range(len(plan))) and sum(read.values()) % 2 == 0
