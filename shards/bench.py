@@ -8,10 +8,11 @@ precomputed latents to a copy (training's usual input at scale), then times with
 --repeats:
   raw read        every shard file read front to back in 8 MB chunks (the ceiling for these bytes)
   loader raw      ShardLoader(output="raw"), in process: shuffled plan, one ranged read per sample, tar
-                  parsing, batches of member bytes; the same bytes as the raw read -> ratio of MB/s
+                  parsing, crc32 of every member, batches of member bytes; the same bytes as the raw read
+                  -> ratio of MB/s (and once more without the crc32 check, to show its cost)
   loader latents  ShardLoader(output="tensors") on latents: ranged reads of only the latents and json members,
-                  straight into the batch tensor (shared memory in workers); in process and with --workers
-                  DataLoader workers -> ratio of samples/s
+                  crc32 checked, straight into the batch tensor (shared memory in workers); in process (with
+                  and without the crc32 check) and with --workers DataLoader workers -> ratio of samples/s
 and prints samples/s, MB/s and the ratio to the raw read (goal: >= 0.9). Decoding mp4 to frames is timed too,
 for scale (it is CPU work, not I/O, and is not part of the ratio).
 """
@@ -163,7 +164,10 @@ def run(tmp: Path, args: argparse.Namespace) -> list[str]:
                 fps=8.0, num_frames=[min(14, num_frames)], seed=0)
     rows = [
         ("loader raw (whole samples), in process", LoaderConfig(output="raw", num_workers=0, **base), "bytes"),
+        ("loader raw, in process, no crc32 check", LoaderConfig(output="raw", num_workers=0, verify_samples=False,
+                                                                **base), "bytes"),
         ("loader latents, in process", LoaderConfig(num_workers=0, **base), "samples"),
+        ("loader latents, in process, no crc32", LoaderConfig(num_workers=0, verify_samples=False, **base), "samples"),
         (f"loader latents, {args.workers} workers", LoaderConfig(num_workers=args.workers, **base), "samples"),
     ]
     size = Manifest.load(root).samples["size_bytes"].mean()
@@ -190,7 +194,8 @@ def run(tmp: Path, args: argparse.Namespace) -> list[str]:
     lines.append(f"{'decode mp4 -> ' + str(base['num_frames'][0]) + 'x3x128x160 frames, in process':<40}{n / dt:9.1f} "
                  "samples/s  (CPU-bound: scales with workers)")
     lines.append("raw: the sample bytes as read; latents: reads only each sample's latents and json (MB/s counts "
-                 "those bytes), so its ratio is in samples/s")
+                 "those bytes), so its ratio is in samples/s; the loader checks the crc32 of every member it reads "
+                 "(verify_samples, on by default): the rows without it show what that costs")
     return lines
 
 

@@ -41,7 +41,8 @@ class ShardWriteConfig(Config):
     frame_max_side: int | None = None
     """Downscale the first/last frame jpgs so their long side is at most this (None: clip resolution)."""
     workers: int = 1
-    """Processes preparing samples (decoding first and last frames); the tar writing itself is sequential."""
+    """`lvd shards write`: CPUs of the local Ray that packs ledger files in parallel, one task per file
+    (1: in the command's own process; with RAY_ADDRESS set, the tasks run on that cluster instead)."""
 
     @pydantic.field_validator("shard_max_bytes", mode="before")
     @classmethod
@@ -81,7 +82,7 @@ class LoaderConfig(Config):
     """The streaming loader of one training stage: which samples, in what order, decoded to what shape."""
 
     shards: str
-    """Folder or fsspec URL (file://, s3://, gs://, ...) holding manifest.parquet and the shards."""
+    """Folder or fsspec URL (file://, s3://, gs://, ...) holding the shards and their manifest/."""
     query: str | None = None
     """The stage's subset, e.g. "aesthetic >= 5 and motion_score between 0.01 and 0.3"; see shards/query.py.
     None reads every sample (an error on shards written with selection=all_usable: say "keep" or "true")."""
@@ -134,9 +135,13 @@ class LoaderConfig(Config):
     batch["clip_embedding_mask"] (bool B; zeros and false for a clip the stage did not score). Off: the member
     is never read. Every embedded sample of the subset must have the same K x D (one CLIP model). output=raw
     returns every member as bytes anyway."""
-    verify_samples: bool = False
-    """Check the crc32 of every member read against the manifest (catches flipped bytes that still decode,
-    at the cost of one pass over the bytes read)."""
+    verify_samples: bool = True
+    """Check the crc32 of every member read against the manifest, so that a flipped byte that still decodes is
+    skipped as corrupt rather than trained on (one pass over the bytes read; `lvd bench loader` measures it)."""
+    max_corrupt_fraction: float = 0.01
+    """Stop the run with an error once more than this fraction of the samples read were corrupt (skipped); the
+    fraction is of at least 100 samples, so that one bad sample early on does not stop a run. 0: stop at the
+    first; 1: never stop."""
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> "LoaderConfig":
@@ -159,6 +164,9 @@ class LoaderConfig(Config):
             raise ValueError(f"epochs ({self.epochs}) must be at least 1, or null to stream without end")
         if self.num_workers < 0:
             raise ValueError(f"num_workers ({self.num_workers}) must be 0 (read in the training process) or more")
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            raise ValueError(f"max_corrupt_fraction ({self.max_corrupt_fraction}) is a fraction of the samples read; "
+                             "use a value in [0, 1], e.g. 0.01")
         if self.prefetch_factor < 1:
             raise ValueError(f"prefetch_factor ({self.prefetch_factor}) must be at least 1")
         return self

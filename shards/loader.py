@@ -22,7 +22,8 @@ A batch (output="tensors") is a dict:
     is_image_B      bool
     scores          {score column: float B tensor} for every score in the manifest
     meta            list of B dicts: the sample json (every ledger column of the clip), when read_json
-    epoch, batch_index, worker, num_corrupt, state   bookkeeping (state is what state_dict() returns after it)
+    epoch, batch_index, worker, num_read, num_corrupt, num_repeated, state
+                    bookkeeping (state is what state_dict() returns after it; see below for the counts)
 (output="raw": kind, key, files = per sample {extension: bytes-like}, num_bytes, and the bookkeeping.)
 
 Letters: B batch, T frames, C channels, H x W pixels, L text tokens, D text (or embedding) width, K key frames.
@@ -30,10 +31,14 @@ Letters: B batch, T frames, C channels, H x W pixels, L text tokens, D text (or 
 Only the members a batch needs are read (the manifest knows where each lies): a latents batch never reads
 the mp4, an image batch reads one jpg. Big tensors are written straight into the batch's memory (a reused
 shared-memory slot in a DataLoader worker, copied out once in the training process).
-Corrupt samples (a truncated shard, undecodable media, a member whose crc32 differs when verify_samples) are
-skipped with a warning and counted; the batch keeps its shape by repeating its good samples (or, when none
-is good, the next good samples of the same bucket in the plan), so every rank still yields the same number
-of batches, and a resumed run substitutes the same way.
+Corrupt samples (a truncated shard, undecodable media, a member whose crc32 differs from the manifest's) are
+skipped with a warning and counted (num_corrupt of the batch's num_read planned samples): the batch comes out
+smaller, never padded with copies of its good samples. Only when every sample of a batch is corrupt do the
+next good samples of its bucket in the plan take their place, so that every rank still yields the same number
+of batches (num_repeated says how many; they are read twice that epoch; a resumed run does the same). Once
+more than max_corrupt_fraction of the samples read were corrupt, the loader stops with CorruptDataError.
+Samples with names the writer could not have written (shards/names.py) are left out of the plan
+(num_refused).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.config import LoaderConfig
 from shards.decode import decode_image, decode_window
-from shards.manifest import Manifest
+from shards.manifest import Manifest, member_ranges
 from shards.plan import IMAGE, LATENTS, VIDEO, Bucket, SubsetPlanner
 from shards.reader import SampleReader, coalesce
 from shards.source import EMBEDDING_COLUMNS, EMBEDDING_FILE, embedding_shape_column
@@ -60,7 +65,16 @@ from shards.tario import SampleFormatError, crc32, parse_sample
 
 log = logging.getLogger("lvd.shards")
 STATE_FORMAT = 1
+# Manifest columns the loader reads for each subset sample (besides scores, captions and embedding shapes).
+SAMPLE_COLUMNS = ("key", "shard", "offset", "size_bytes", "crc32", "members", "width", "height", "duration_s")
 MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "text.safetensors", EMBEDDING_FILE)
+# max_corrupt_fraction is of at least this many samples: one bad sample among the first few read is no reason
+# to stop a run
+MIN_READ_FOR_FRACTION = 100
+
+
+class CorruptDataError(RuntimeError):
+    """More of the samples read were corrupt than LoaderConfig.max_corrupt_fraction allows."""
 
 
 def _corrupt_errors() -> tuple[type[BaseException], ...]:
@@ -108,7 +122,12 @@ class BatchMaker:
         self.config = config
         self.planner = planner
         rows = planner.rows
-        frame = manifest.samples.iloc[rows].reset_index(drop=True)
+        names = set(manifest.schema.names)
+        columns = [c for c in (*SAMPLE_COLUMNS, "motion_bucket", "captions", *manifest.score_columns,
+                               *(embedding_shape_column(c) for c in EMBEDDING_COLUMNS)) if c in names]
+        table = manifest.take(rows, list(dict.fromkeys(columns)))  # the subset's columns this loader uses
+        members = table.column("members").combine_chunks()
+        frame = table.drop(["members"]).to_pandas()
         # flat arrays, not a dict per sample: forked workers share them without copying millions of objects
         self.keys = frame["key"].to_numpy(dtype=object)
         self.shard_names, self.shard_of = np.unique(frame["shard"].to_numpy(dtype=object).astype(str),
@@ -116,7 +135,7 @@ class BatchMaker:
         self.offset = frame["offset"].to_numpy(dtype=np.int64)
         self.size = frame["size_bytes"].to_numpy(dtype=np.int64)
         self.crc = frame["crc32"].to_numpy(dtype=np.int64)
-        self.members = {ext: manifest.member_ranges(rows, ext) for ext in MEMBER_FILES}
+        self.members = {ext: member_ranges(members, ext) for ext in MEMBER_FILES}
         self.width = frame["width"].to_numpy(dtype=np.int64)
         self.height = frame["height"].to_numpy(dtype=np.int64)
         self.duration = frame["duration_s"].to_numpy(dtype=float, na_value=np.nan)
@@ -142,11 +161,13 @@ class BatchMaker:
             sample = self._try_load(int(pos), bucket, draws[slot], out, len(good))
             if sample is not None:
                 good.append((int(pos), sample))
-        num_corrupt = len(items) - len(good)
-        if num_corrupt:
-            good = self._fill(good, len(items), plan, j, bucket_id, bucket, draws, out)
+        num_corrupt, num_repeated = len(items) - len(good), 0
+        if not good:
+            good = self._substitutes(plan, epoch, j, bucket_id, bucket, draws, out, len(items))
+            num_repeated = len(good)
         batch = self._collate(bucket, good, draws, out)
-        batch.update(epoch=epoch, batch_index=j, num_corrupt=num_corrupt)
+        batch.update(epoch=epoch, batch_index=j, num_read=len(items), num_corrupt=num_corrupt,
+                     num_repeated=num_repeated)
         if out.slots is not None:
             batch["_in_slot"] = out.names()
         return batch
@@ -258,28 +279,29 @@ class BatchMaker:
             out[column] = raw
         return out
 
-    def _fill(self, good: list, size: int, plan, j: int, bucket_id: int, bucket: Bucket, draws: np.ndarray,
-              out: "_BatchRows") -> list:
-        """Keeps the batch at `size` samples: repeats the good ones; with none, takes the next good samples
-        of the same bucket in the plan (deterministic, so a resumed run fills the same way)."""
-        if not good:
-            for k in range(1, len(plan) + 1):
-                other_bucket, items = plan.batch((j + k) % len(plan))
-                if other_bucket != bucket_id:
-                    continue
-                for slot, pos in enumerate(items):
-                    if len(good) == size:
-                        break
-                    sample = self._try_load(int(pos), bucket, draws[slot % len(draws)], out, len(good))
-                    if sample is not None:
-                        good.append((int(pos), sample))
+    def _substitutes(self, plan, epoch: int, j: int, bucket_id: int, bucket: Bucket, draws: np.ndarray,
+                     out: "_BatchRows", size: int) -> list:
+        """Every sample of batch j is corrupt: the next good samples of its bucket in the plan take their place
+        (deterministic, so a resumed run does the same), so that the rank still yields a batch."""
+        good: list = []
+        for k in range(1, len(plan) + 1):
+            other_bucket, items = plan.batch((j + k) % len(plan))
+            if other_bucket != bucket_id:
+                continue
+            for slot, pos in enumerate(items):
                 if len(good) == size:
                     break
-            if not good:
-                raise RuntimeError(f"every sample of bucket {bucket} is corrupt; run `lvd shards verify` on "
-                                   f"{self.reader.root}")
-        out.repeat(len(good))
-        return [good[k % len(good)] for k in range(size)]
+                sample = self._try_load(int(pos), bucket, draws[slot % len(draws)], out, len(good))
+                if sample is not None:
+                    good.append((int(pos), sample))
+            if len(good) == size:
+                break
+        if not good:
+            raise CorruptDataError(f"every sample of bucket {bucket} is corrupt; run `lvd shards verify "
+                                   f"{self.reader.root}`")
+        log.warning("every sample of batch %d of epoch %d is corrupt: %d samples of later batches of its bucket take "
+                    "their place (read twice this epoch)", j, epoch, len(good))
+        return good
 
     def _collate(self, bucket: Bucket, good: list[tuple[int, Any]], draws: np.ndarray, out: "_BatchRows") -> dict[str, Any]:
         pos = np.array([p for p, _ in good], dtype=np.int64)
@@ -288,16 +310,16 @@ class BatchMaker:
             batch["files"] = [s for _, s in good]
             batch["num_bytes"] = int(self.size[pos].sum())
             return batch
+        b = len(pos)  # the good samples fill the batch's first b rows
         if bucket.kind == LATENTS:
-            batch["latents_BTCHW"] = out.tensor("latents")
+            batch["latents_BTCHW"] = out.tensor("latents", b)
         else:
-            batch["frames_BTCHW"] = out.tensor("frames")
+            batch["frames_BTCHW"] = out.tensor("frames", b)
         if out.has("text"):
-            batch["text_BLD"] = out.tensor("text")
+            batch["text_BLD"] = out.tensor("text", b)
         for column in self.embedding_shapes:
-            batch[column] = out.tensor(column)
-            batch[f"{column}_mask"] = out.mask(column).copy()
-        b = len(pos)
+            batch[column] = out.tensor(column, b)
+            batch[f"{column}_mask"] = out.mask(column)[:b].copy()
         batch["caption"] = [self._caption(p, draws[k % len(draws), 2]) for k, p in enumerate(pos)]
         # small per-sample values travel as numpy (pickled inline): a torch tensor from a worker would get a
         # shared-memory segment and a file descriptor of its own; _small_to_torch makes them tensors at the end
@@ -529,21 +551,13 @@ class _BatchRows:
     def mask(self, name: str) -> np.ndarray:
         return self._masks[name]
 
-    def repeat(self, good: int) -> None:
-        """Rows good.. repeat rows 0..good-1 (the batch's bad samples replaced by its good ones)."""
-        for _, rows, _, _ in self._arrays.values():
-            for k in range(good, self.size):
-                rows[k] = rows[k % good]
-        for mask in self._masks.values():
-            for k in range(good, self.size):
-                mask[k] = mask[k % good]
-
     def has(self, name: str) -> bool:
         return name in self._arrays and name not in self._missing
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, rows: int) -> torch.Tensor:
+        """The first `rows` rows (those filled)."""
         flat, _, dtype, shape = self._arrays[name]
-        return flat.view(_DTYPES[dtype]).view(self.size, *shape)
+        return flat.view(_DTYPES[dtype]).view(self.size, *shape)[:rows]
 
 
 class ShardDataset(IterableDataset):
@@ -601,14 +615,17 @@ class ShardLoader:
     """Iterable of batches for one rank, with exact resume. See the module docstring."""
 
     def __init__(self, config: LoaderConfig, rank: int | None = None, world_size: int | None = None,
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, rows: np.ndarray | None = None) -> None:
+        """`rows`: the subset as manifest rows, instead of config's query or subset file (a caller that has
+        computed it already, e.g. precompute's task for one shard)."""
         self.config = config
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.manifest = manifest or Manifest.load(config.shards)
-        self.planner = SubsetPlanner.build(self.manifest, config)
+        self.planner = SubsetPlanner.build(self.manifest, config, rows)
         self.maker = BatchMaker(self.manifest, self.planner, config)
         self.epoch, self.consumed = 0, 0
-        self.num_corrupt = 0
+        self.num_read, self.num_corrupt, self.num_repeated = 0, 0, 0
+        self.num_refused = self.planner.num_refused  # hostile names, left out of the plan (shards/names.py)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = ShardDataset(self.maker, (self.epoch, self.consumed), self.rank, self.world_size)
@@ -625,8 +642,19 @@ class ShardLoader:
             _small_to_torch(batch)
             # the state advances only with what the caller received, not with what workers prefetched
             self.epoch, self.consumed = batch["state"]["epoch"], batch["state"]["consumed"]
+            self.num_read += batch["num_read"]
             self.num_corrupt += batch["num_corrupt"]
+            self.num_repeated += batch["num_repeated"]
+            self._check_corrupt()
             yield batch
+
+    def _check_corrupt(self) -> None:
+        ceiling = self.config.max_corrupt_fraction
+        if self.num_corrupt > ceiling * max(self.num_read, MIN_READ_FOR_FRACTION):
+            raise CorruptDataError(
+                f"{self.num_corrupt} of the {self.num_read} samples read were corrupt (skipped), more than "
+                f"max_corrupt_fraction ({ceiling}) allows: run `lvd shards verify {self.config.shards}` to find the "
+                "damaged shards and restore or rewrite them, or raise max_corrupt_fraction")
 
     def batches_per_epoch(self, epoch: int | None = None) -> int:
         """Batches this rank yields in `epoch` (default: what is left of the current one); the same on every
@@ -637,7 +665,8 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "epoch": self.epoch, "consumed": self.consumed,
-                "plan": self.planner.fingerprint, "world_size": self.world_size, "num_corrupt": self.num_corrupt}
+                "plan": self.planner.fingerprint, "world_size": self.world_size,
+                "num_read": self.num_read, "num_corrupt": self.num_corrupt, "num_repeated": self.num_repeated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -652,4 +681,5 @@ class ShardLoader:
             raise ValueError(f"loader state consumed {consumed} batches of epoch {epoch}, which has only "
                              f"{len(self.planner.plan(epoch))}")
         self.epoch, self.consumed = epoch, consumed
-        self.num_corrupt = int(state.get("num_corrupt", 0))
+        self.num_read, self.num_corrupt, self.num_repeated = (int(state.get(k, 0)) for k in
+                                                              ("num_read", "num_corrupt", "num_repeated"))

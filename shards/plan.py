@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from shards.config import LoaderConfig
 from shards.manifest import Manifest
@@ -34,6 +36,8 @@ from shards.manifest import Manifest
 log = logging.getLogger("lvd.shards")
 
 VIDEO, IMAGE, LATENTS = "video", "image", "latents"
+# What planning reads of each subset sample.
+PLAN_COLUMNS = ["key", "width", "height", "duration_s", "latents_shape"]
 
 
 @dataclass(frozen=True, order=True)
@@ -78,25 +82,37 @@ class SubsetPlanner:
     buckets: list[Bucket]
     excluded: dict[str, int] = field(default_factory=dict)
     fingerprint: str = ""
+    num_refused: int = 0             # subset samples left out for names the writer could not have written
     _cache: tuple[int, EpochPlan] | None = None
 
     @classmethod
-    def build(cls, manifest: Manifest, config: LoaderConfig) -> "SubsetPlanner":
-        rows = subset_rows(manifest, config)
+    def build(cls, manifest: Manifest, config: LoaderConfig, rows: np.ndarray | None = None) -> "SubsetPlanner":
+        """From the subset's planning columns alone (a projected read of the selected rows). `rows`: the subset
+        as manifest rows when the caller has it already (instead of config's query or subset file)."""
+        if rows is None:
+            rows = subset_rows(manifest, config)
+        rows, num_refused = without_refused(manifest, np.asarray(rows, np.int64))
         if len(rows) == 0:
             raise ValueError(f"the subset is empty: query {config.query!r} selects no sample of {manifest.root}; "
                              "check it with `lvd shards query` and loosen it")
-        frame = manifest.samples.iloc[rows]
-        table: dict[Bucket, int] = {}
+        planner = cls.from_table(manifest.take(rows, PLAN_COLUMNS), rows, config)
+        planner.num_refused = num_refused
+        return planner
+
+    @classmethod
+    def from_table(cls, table: pa.Table, rows: np.ndarray, config: LoaderConfig) -> "SubsetPlanner":
+        """Buckets from the subset's PLAN_COLUMNS (one row per subset position), vectorised."""
         excluded: dict[str, int] = {}
-        video = _video_buckets(frame, config, table, excluded)
-        image = _image_buckets(frame, config, table) if config.image_ratio > 0 else np.full(len(rows), -1)
+        video, video_buckets = _video_buckets(table, config, excluded)
+        image, image_buckets = (_image_buckets(table, config) if config.image_ratio > 0
+                                else (np.full(len(rows), -1, np.int64), []))
         # bucket ids in a canonical order, so that the plan does not depend on the order buckets were met
-        ordered = sorted(table)
-        remap = np.array([ordered.index(b) for b in table] + [-1], dtype=np.int64)  # index -1 maps to -1
-        video, image = remap[video], remap[image]
-        planner = cls(config, rows, video, image, ordered, excluded)
-        planner.fingerprint = planner._fingerprint(manifest)
+        ordered = sorted(set(video_buckets) | set(image_buckets))
+        index = {b: i for i, b in enumerate(ordered)}
+        video = np.array([index[b] for b in video_buckets] + [-1], np.int64)[video]  # -1 stays -1
+        image = np.array([index[b] for b in image_buckets] + [-1], np.int64)[image]
+        planner = cls(config, np.asarray(rows, np.int64), video, image, ordered, excluded)
+        planner.fingerprint = planner._fingerprint(table.column("key"))
         if config.image_ratio < 1 and (video < 0).all():
             raise ValueError(f"no sample of the subset fits a video bucket ({excluded}); lower num_frames "
                              f"({config.num_frames}) or fps ({config.fps}), or set image_ratio=1 for images only")
@@ -104,9 +120,9 @@ class SubsetPlanner:
             log.warning("%d of %d samples left out of video batches: %s", n, len(rows), reason)
         return planner
 
-    def _fingerprint(self, manifest: Manifest) -> str:
+    def _fingerprint(self, keys: pa.ChunkedArray) -> str:
         c = self.config
-        doc = {"keys": hashlib.sha256("\n".join(manifest.samples["key"].iloc[self.rows]).encode()).hexdigest(),
+        doc = {"keys": _join_hash(keys),
                "seed": c.seed, "shuffle": c.shuffle, "batch_size": c.batch_size, "image_batch": c.images_per_batch,
                "remainder": c.remainder, "num_frames": c.num_frames, "fps": c.fps, "resolutions": c.resolutions,
                "clip_start": c.clip_start, "image_ratio": c.image_ratio, "image_frame": c.image_frame,
@@ -179,18 +195,36 @@ class SubsetPlanner:
                 "excluded": dict(self.excluded), "fingerprint": self.fingerprint}
 
 
+def without_refused(manifest: Manifest, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """`rows` less the samples whose key or shard name the writer could not have written (shards/names.py):
+    never read, never yielded. A projected read of the two columns for the subset's rows. (Member extensions
+    are not checked here: the loader looks members up by its own fixed names.)"""
+    from shards.names import refused_rows
+
+    refused = refused_rows(manifest.take(rows, ["key", "shard"])) if len(rows) else []
+    if not refused:
+        return rows, 0
+    mask = np.ones(len(rows), bool)
+    mask[[r for r, _ in refused]] = False
+    log.warning("%d samples of the subset refused, e.g. %s; run `lvd shards verify %s` and rewrite the shards "
+                "from their curation run", len(refused), refused[0][1], manifest.root)
+    return rows[mask], len(refused)
+
+
 def subset_rows(manifest: Manifest, config: LoaderConfig) -> np.ndarray:
     if config.subset is not None:
         import fsspec
+        import pyarrow.parquet as pq
 
         with fsspec.open(config.subset, "rb") as f:
-            keys = pd.read_parquet(f)["key"]
-        pos = pd.Index(manifest.samples["key"]).get_indexer(keys)
-        if (pos < 0).any():
-            missing = keys[pos < 0].iloc[0]
-            raise ValueError(f"subset {config.subset} names {int((pos < 0).sum())} keys not in {manifest.root} "
-                             f"(e.g. {missing}); it was made from other shards: re-run `lvd shards query`")
-        return np.sort(pos)
+            keys = pq.read_table(f, columns=["key"]).column("key")
+        pos = pc.index_in(keys, value_set=manifest.scan(["key"]).column("key")).to_numpy(zero_copy_only=False)
+        missing = np.isnan(pos) if pos.dtype.kind == "f" else np.zeros(len(pos), bool)
+        if missing.any():
+            raise ValueError(f"subset {config.subset} names {int(missing.sum())} keys not in {manifest.root} "
+                             f"(e.g. {keys[int(np.flatnonzero(missing)[0])]}); it was made from other shards: "
+                             "re-run `lvd shards query`")
+        return np.sort(pos.astype(np.int64))
     if config.query is None and manifest.selection == "all_usable":
         raise ValueError(f"{manifest.root} holds every usable clip (written with --all-usable), including those the "
                          "curation thresholds dropped: set query=keep for the curated set, a stage's own query, or "
@@ -205,42 +239,68 @@ def nearest_resolution(width: np.ndarray, height: np.ndarray, resolutions: list[
     return np.argmin(np.abs(aspect[:, None] - targets[None, :]), axis=1)
 
 
-def _bucket_id(table: dict[Bucket, int], bucket: Bucket) -> int:
-    return table.setdefault(bucket, len(table))
+def _join_hash(keys: pa.ChunkedArray) -> str:
+    """sha256 of "\n".join(keys), a few thousand keys at a time."""
+    h = hashlib.sha256()
+    first = True
+    for chunk in keys.chunks:
+        for start in range(0, len(chunk), 65536):
+            piece = "\n".join(chunk.slice(start, 65536).to_pylist())
+            h.update(piece.encode() if first else b"\n" + piece.encode())
+            first = False
+    return h.hexdigest()
 
 
-def _video_buckets(frame: pd.DataFrame, config: LoaderConfig, table: dict[Bucket, int],
-                   excluded: dict[str, int]) -> np.ndarray:
-    n = len(frame)
+def _numbers(table: pa.Table, column: str) -> np.ndarray:
+    return table.column(column).to_numpy(zero_copy_only=False).astype(float)
+
+
+def _video_buckets(table: pa.Table, config: LoaderConfig, excluded: dict[str, int]) -> tuple[np.ndarray, list[Bucket]]:
+    """(bucket index per subset position into the returned list, -1: none; the buckets met)."""
+    n = table.num_rows
     out = np.full(n, -1, dtype=np.int64)
     if config.image_ratio >= 1:
-        return out
-    res = nearest_resolution(frame["width"].to_numpy(), frame["height"].to_numpy(), config.resolutions)
-    duration = frame["duration_s"].to_numpy(dtype=float, na_value=np.nan)
-    latents = frame["latents_shape"].to_numpy(dtype=object)
-    frames_sorted = sorted(set(config.num_frames), reverse=True)
-    for i in range(n):
-        has_latents = latents[i] is not None and len(latents[i]) > 0
-        if has_latents and config.latents != "ignore":
-            out[i] = _bucket_id(table, Bucket(LATENTS, tuple(int(v) for v in latents[i])))
-            continue
-        if config.latents == "require":
-            excluded["no precomputed latents (latents=require)"] = excluded.get("no precomputed latents (latents=require)", 0) + 1
-            continue
-        t = next((t for t in frames_sorted if t / config.fps <= duration[i] + 1e-6), None)
-        if t is None:
-            why = f"shorter than {min(frames_sorted)} frames at {config.fps:g} fps"
-            excluded[why] = excluded.get(why, 0) + 1
-            continue
-        h, w = config.resolutions[res[i]]
-        out[i] = _bucket_id(table, Bucket(VIDEO, (t, h, w)))
-    return out
+        return out, []
+    buckets: list[Bucket] = []
+    shapes = table.column("latents_shape").combine_chunks().cast(pa.list_(pa.int64()))
+    lengths = pc.fill_null(pc.list_value_length(shapes), 0).to_numpy(zero_copy_only=False)
+    has_latents = lengths > 0
+    if config.latents != "ignore":
+        flat = pc.list_flatten(shapes).to_numpy(zero_copy_only=False)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        for ndim in np.unique(lengths[has_latents]):  # latents of each rank grouped by their shape
+            idx = np.flatnonzero(lengths == ndim)
+            dims = flat[starts[idx][:, None] + np.arange(ndim)[None, :]]
+            unique, inverse = np.unique(dims, axis=0, return_inverse=True)
+            out[idx] = len(buckets) + inverse.reshape(-1)
+            buckets += [Bucket(LATENTS, tuple(int(v) for v in u)) for u in unique]
+    todo = ~has_latents if config.latents != "ignore" else np.ones(n, bool)
+    if config.latents == "require":
+        if todo.any():
+            excluded["no precomputed latents (latents=require)"] = int(todo.sum())
+        return out, buckets
+    frames_sorted = np.array(sorted(set(config.num_frames), reverse=True))
+    duration = _numbers(table, "duration_s")
+    with np.errstate(invalid="ignore"):
+        fits = frames_sorted[None, :] / config.fps <= duration[:, None] + 1e-6  # NaN: fits nothing
+    short = todo & ~fits.any(axis=1)
+    if short.any():
+        excluded[f"shorter than {frames_sorted.min()} frames at {config.fps:g} fps"] = int(short.sum())
+    todo &= ~short
+    t = frames_sorted[np.argmax(fits, axis=1)]  # the longest frame count that fits
+    res = nearest_resolution(_numbers(table, "width"), _numbers(table, "height"), config.resolutions)
+    code = t.astype(np.int64) * len(config.resolutions) + res
+    unique, inverse = np.unique(code[todo], return_inverse=True)
+    out[todo] = len(buckets) + inverse.reshape(-1)
+    for c in unique:
+        h, w = config.resolutions[int(c) % len(config.resolutions)]
+        buckets.append(Bucket(VIDEO, (int(c) // len(config.resolutions), h, w)))
+    return out, buckets
 
 
-def _image_buckets(frame: pd.DataFrame, config: LoaderConfig, table: dict[Bucket, int]) -> np.ndarray:
-    res = nearest_resolution(frame["width"].to_numpy(), frame["height"].to_numpy(), config.resolutions)
-    ids = [_bucket_id(table, Bucket(IMAGE, (1, *config.resolutions[r]))) for r in range(len(config.resolutions))]
-    return np.array([ids[r] for r in res], dtype=np.int64)
+def _image_buckets(table: pa.Table, config: LoaderConfig) -> tuple[np.ndarray, list[Bucket]]:
+    res = nearest_resolution(_numbers(table, "width"), _numbers(table, "height"), config.resolutions)
+    return res.astype(np.int64), [Bucket(IMAGE, (1, *r)) for r in config.resolutions]
 
 
 def _batches(perm: np.ndarray, bucket_of: np.ndarray, size: int, remainder: str) -> list[tuple[int, np.ndarray]]:

@@ -16,19 +16,33 @@ Examples:
     source in ('a.mp4', 'b.mp4') or video_id == 'f00d'
 
 `percentile(c, q)` is the q-th percentile of column c over every sample of the manifest that has a value
-(as curation's drop_bottom_pct), not over the rows other conditions leave. A comparison with a missing
-value is false (so `x < 3` and `x >= 3` together leave out the samples without x; `x is null` finds them).
+(as curation's drop_bottom_pct; linear interpolation, as numpy's), not over the rows other conditions leave.
+A comparison with a missing value (null or NaN) is false (so `x < 3` and `x >= 3` together leave out the
+samples without x; `x is null` finds them).
+
+The query is compiled to a DuckDB WHERE clause and run as one scan of the columns it names (projection,
+filters pushed into the parquet reader); each percentile is one aggregate over its column. The grammar stays
+ours rather than SQL: the compiler emits only quoted column names checked against the manifest's schema,
+numbers and escaped string literals, so a query cannot call a function, read a file or run a subquery, and
+its errors name the column or the character at fault.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    from shards.manifest import Manifest
 
 
 class QueryError(ValueError):
@@ -72,13 +86,45 @@ def tokenize(text: str) -> list[Token]:
     return tokens
 
 
-class _Parser:
-    """Recursive descent straight to numpy masks over the manifest frame."""
+@dataclass(frozen=True)
+class _Value:
+    sql: str
+    kind: str  # num, bool, str, other (lists, structs: only `is null` applies)
 
-    def __init__(self, text: str, frame: pd.DataFrame) -> None:
-        self.text, self.frame = text, frame
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "num"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    return "other"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _number(text: str, query: str) -> str:
+    value = float(text)
+    if not math.isfinite(value):
+        raise QueryError(f"number {text} in {query!r} is out of range")
+    return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+class _Compiler:
+    """Recursive descent straight to a SQL boolean expression (never null: a missing value fails a test)."""
+
+    def __init__(self, text: str, schema: pa.Schema, percentile: Callable[[str, float], float | None]) -> None:
+        self.text, self.schema, self._percentile = text, schema, percentile
         self.tokens = tokenize(text)
         self.i = 0
+        self.columns: set[str] = set()
 
     # --- token helpers
     def peek(self, offset: int = 0) -> Token:
@@ -105,41 +151,40 @@ class _Parser:
         return tok
 
     # --- grammar
-    def parse(self) -> np.ndarray:
-        mask = self.or_()
+    def parse(self) -> str:
+        sql = self.or_()
         if self.peek().kind != "end":
             tok = self.peek()
             raise QueryError(f"unexpected {tok.text!r} at character {tok.pos} of {self.text!r}; "
                              "join conditions with and / or")
-        return mask
+        return sql
 
-    def or_(self) -> np.ndarray:
-        mask = self.and_()
+    def or_(self) -> str:
+        parts = [self.and_()]
         while self.accept("kw", "or"):
-            mask = mask | self.and_()
-        return mask
+            parts.append(self.and_())
+        return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
-    def and_(self) -> np.ndarray:
-        mask = self.not_()
+    def and_(self) -> str:
+        parts = [self.not_()]
         while self.accept("kw", "and"):
-            mask = mask & self.not_()
-        return mask
+            parts.append(self.not_())
+        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
 
-    def not_(self) -> np.ndarray:
+    def not_(self) -> str:
         if self.accept("kw", "not"):
-            return ~self.not_()
+            return f"(NOT {self.not_()})"
         return self.atom()
 
-    def atom(self) -> np.ndarray:
-        n = len(self.frame)
+    def atom(self) -> str:
         if self.accept("punct", "("):
-            mask = self.or_()
+            sql = self.or_()
             self.expect("punct", ")", "')'")
-            return mask
+            return sql
         if self.accept("kw", "true"):
-            return np.ones(n, bool)
+            return "TRUE"
         if self.accept("kw", "false"):
-            return np.zeros(n, bool)
+            return "FALSE"
         tok = self.peek()
         if tok.kind == "name" and tok.text.lower() not in FUNCTIONS:
             nxt = self.peek(1)
@@ -147,131 +192,172 @@ class _Parser:
                 return self.column_test()
             if nxt.kind != "op":  # a bare boolean column
                 self.take()
-                return self.boolean_column(tok)
+                column = self.column(tok)
+                if column.kind != "bool":
+                    raise QueryError(f"column {tok.text!r} is not true/false, so it cannot stand alone in "
+                                     f"{self.text!r}; compare it, e.g. {tok.text} > 0")
+                return f"COALESCE({column.sql}, FALSE)"  # a missing flag counts as false
         left = self.value()
         op = self.expect("op", what="a comparison (<, <=, >, >=, ==, !=)")
         right = self.value()
-        return compare(left, op.text, right, self.text)
+        return self.compare(left, op.text, right)
 
-    def column_test(self) -> np.ndarray:
+    def column_test(self) -> str:
         tok = self.take()
-        values = self.column(tok)
+        column = self.column(tok)
         if self.accept("kw", "is"):
             negate = self.accept("kw", "not") is not None
             self.expect("kw", "null", "null")
-            missing = pd.isna(values)
-            return ~missing if negate else missing
+            return f"({column.sql} IS NOT NULL)" if negate else f"({column.sql} IS NULL)"
         negate = self.accept("kw", "not") is not None
         if self.accept("kw", "between"):
             low = self.value()
             self.expect("kw", "and", "and (between LOW and HIGH)")
             high = self.value()
-            mask = compare(values, ">=", low, self.text) & compare(values, "<=", high, self.text)
+            test = f"({self.compare(column, '>=', low)} AND {self.compare(column, '<=', high)})"
         else:
             self.expect("kw", "in", "between or in")
             self.expect("punct", "(", "'(' after in")
-            items = [self.literal()]
+            items = [self.literal(column)]
             while self.accept("punct", ","):
-                items.append(self.literal())
+                items.append(self.literal(column))
             self.expect("punct", ")", "')'")
-            present = ~pd.isna(values)
-            mask = present & pd.Series(values).isin(items).to_numpy()
+            test = f"COALESCE({self.operand(column)} IN ({', '.join(items)}), FALSE)"
         if negate:  # a missing value is in no range and no list, and not outside them either
-            mask = ~mask & ~pd.isna(values)
-        return mask
+            return f"({column.sql} IS NOT NULL AND NOT {test})"
+        return test
 
-    def value(self) -> Any:
+    def compare(self, left: _Value, op: str, right: _Value) -> str:
+        op = "=" if op in ("=", "==") else "<>" if op == "!=" else op
+        for v in (left, right):
+            if v.kind == "other":
+                raise QueryError(f"{self.text!r} compares {v.sql}, which holds lists or records; test it with "
+                                 "is null / is not null")
+        l_num, r_num = left.kind in ("num", "bool"), right.kind in ("num", "bool")
+        if l_num != r_num:
+            raise QueryError(f"{self.text!r} compares text with a number; quote strings and compare like with like")
+        if not l_num and op not in ("=", "<>"):
+            raise QueryError(f"{self.text!r}: text can only be compared with == or !=")
+        return f"COALESCE({self.operand(left)} {op} {self.operand(right)}, FALSE)"
+
+    @staticmethod
+    def operand(v: _Value) -> str:
+        return f"CAST({v.sql} AS DOUBLE)" if v.kind == "bool" else v.sql
+
+    def value(self) -> _Value:
         tok = self.take()
         if tok.kind == "num":
-            return float(tok.text)
+            return _Value(_number(tok.text, self.text), "num")
         if tok.kind == "str":
-            return tok.text[1:-1]
+            return _Value(_text(tok.text[1:-1]), "str")
         if tok.kind == "name" and tok.text.lower() in FUNCTIONS:
             self.expect("punct", "(", f"'(' after {tok.text}")
             col = self.expect("name", what="a column name")
             self.expect("punct", ",", f"',' ({tok.text}(column, q))")
             q = self.expect("num", what="a percentile in [0, 100]")
             self.expect("punct", ")", "')'")
-            return self.percentile(col, float(q.text))
+            return _Value(repr(self.percentile(col, float(q.text))), "num")
         if tok.kind == "name":
             return self.column(tok)
         raise QueryError(f"expected a column, number or string at character {tok.pos} of {self.text!r}, "
                          f"found {tok.text or 'the end'!r}")
 
-    def literal(self) -> Any:
+    def literal(self, column: _Value) -> str:
         tok = self.take()
         if tok.kind == "num":
-            return float(tok.text) if not float(tok.text).is_integer() else int(float(tok.text))
-        if tok.kind == "str":
-            return tok.text[1:-1]
-        if tok.kind == "kw" and tok.text in ("true", "false"):
-            return tok.text == "true"
-        raise QueryError(f"expected a number or string in the list at character {tok.pos} of {self.text!r}")
+            sql, kind = _number(tok.text, self.text), "num"
+        elif tok.kind == "str":
+            sql, kind = _text(tok.text[1:-1]), "str"
+        elif tok.kind == "kw" and tok.text in ("true", "false"):
+            sql, kind = tok.text.upper(), "bool"
+        else:
+            raise QueryError(f"expected a number or string in the list at character {tok.pos} of {self.text!r}")
+        numeric = ("num", "bool")
+        if (kind in numeric) != (column.kind in numeric) or column.kind == "other":
+            raise QueryError(f"{self.text!r} compares text with a number in an `in` list; quote strings and "
+                             "compare like with like")
+        return f"CAST({sql} AS DOUBLE)" if column.kind == "num" and kind == "bool" else sql
 
     # --- columns
-    def column(self, tok: Token) -> np.ndarray:
-        if tok.text not in self.frame.columns:
-            names = [str(c) for c in self.frame.columns]
+    def column(self, tok: Token) -> _Value:
+        if tok.text not in self.schema.names:
+            names = [str(c) for c in self.schema.names]
             hint = difflib.get_close_matches(tok.text, names, n=1)
             fix = f"did you mean {hint[0]}?" if hint else f"columns: {', '.join(sorted(names))}"
             raise QueryError(f"unknown column {tok.text!r} in {self.text!r}; {fix}")
-        col = self.frame[tok.text]
-        kind = col.dtype.kind
-        if kind == "b":  # a missing flag counts as false
-            return col.to_numpy(dtype=bool, na_value=False)
-        if kind in "iuf":
-            return col.to_numpy(dtype=float, na_value=np.nan)
-        return col.to_numpy(dtype=object)
-
-    def boolean_column(self, tok: Token) -> np.ndarray:
-        values = self.column(tok)
-        if values.dtype == bool:
-            return values
-        if values.dtype == object and all(isinstance(v, (bool, np.bool_)) or v is None for v in values):
-            return np.array([bool(v) if v is not None else False for v in values])
-        raise QueryError(f"column {tok.text!r} is not true/false, so it cannot stand alone in {self.text!r}; "
-                         f"compare it, e.g. {tok.text} > 0")
+        self.columns.add(tok.text)
+        t = self.schema.field(tok.text).type
+        return _Value(_column_sql(tok.text, t), _kind(t))
 
     def percentile(self, tok: Token, q: float) -> float:
         if not 0 <= q <= 100:
             raise QueryError(f"percentile {q:g} in {self.text!r} must be in [0, 100]")
-        values = self.column(tok)
-        if values.dtype.kind != "f":
+        column = self.column(tok)
+        if column.kind != "num":
             raise QueryError(f"percentile of {tok.text!r} needs a numeric column")
-        present = values[~np.isnan(values)]
-        if present.size == 0:
+        value = self._percentile(column.sql, q / 100)
+        if value is None:
             raise QueryError(f"percentile of {tok.text!r}: no sample has a value")
-        return float(np.percentile(present, q))
+        return float(value)
 
 
-def compare(left: Any, op: str, right: Any, text: str) -> np.ndarray:
-    op = "==" if op == "=" else op
-    l_num, r_num = _is_numeric(left), _is_numeric(right)
-    if l_num != r_num:
-        raise QueryError(f"{text!r} compares text with a number; quote strings and compare like with like")
-    if l_num:
-        lv, rv = np.asarray(left, dtype=float), np.asarray(right, dtype=float)
-        with np.errstate(invalid="ignore"):
-            result = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
-                      "==": np.equal, "!=": np.not_equal}[op](lv, rv)
-        return np.asarray(result & ~np.isnan(lv) & ~np.isnan(rv), bool)
-    if op not in ("==", "!="):
-        raise QueryError(f"{text!r}: text can only be compared with == or !=")
-    lv, rv = np.asarray(left, dtype=object), np.asarray(right, dtype=object)
-    eq = np.asarray(lv == rv, bool)
-    missing = np.asarray(pd.isna(lv), bool) | np.asarray(pd.isna(rv), bool)
-    return (eq if op == "==" else ~eq) & ~missing
+def _column_sql(name: str, t: pa.DataType) -> str:
+    """A column as the query sees it: NaN reads as missing, so that it fails comparisons like null."""
+    if pa.types.is_floating(t):
+        return f"(CASE WHEN isnan({_quote(name)}) THEN NULL ELSE {_quote(name)} END)"
+    return _quote(name)
 
 
-def _is_numeric(v: Any) -> bool:
-    if isinstance(v, np.ndarray):
-        return v.dtype.kind in "iufb"
-    return isinstance(v, (int, float))
+@dataclass
+class Compiled:
+    """A query as a DuckDB boolean expression over `source`, and the columns it reads."""
+
+    where: str
+    columns: list[str]
 
 
-def evaluate(query: str, frame: pd.DataFrame) -> np.ndarray:
-    """Boolean mask over `frame`'s rows."""
+def compile_query(query: str, schema: pa.Schema, con, source: str) -> Compiled:
+    """`query` -> a WHERE expression; percentiles are computed here, each as one aggregate over `source`."""
     if not query or not query.strip():
         raise QueryError("empty query; write e.g. \"aesthetic >= 5\" or \"true\" for every sample")
-    mask = _Parser(query, frame).parse()
-    return np.broadcast_to(np.asarray(mask, bool), (len(frame),)).copy()
+
+    def percentile(column_sql: str, q: float) -> float | None:
+        return con.execute(f"SELECT quantile_cont({column_sql}, {q!r}) FROM {source} "
+                           f"WHERE {column_sql} IS NOT NULL").fetchall()[0][0]
+
+    compiler = _Compiler(query, schema, percentile)
+    where = compiler.parse()
+    return Compiled(where, sorted(compiler.columns))
+
+
+def _connect():
+    import duckdb
+
+    return duckdb.connect(config={"threads": 2})
+
+
+def evaluate(query: str, frame: pd.DataFrame | pa.Table) -> np.ndarray:
+    """Boolean mask over the rows of an in-memory table (the manifest's own queries go through `select_rows`)."""
+    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    con = _connect()
+    con.register("samples", table)
+    compiled = compile_query(query, table.schema, con, "samples")
+    mask = con.sql(f"SELECT {compiled.where} AS hit FROM samples").to_arrow_table().column("hit")
+    return mask.to_numpy(zero_copy_only=False).astype(bool)
+
+
+def select_rows(manifest: "Manifest", query: str) -> np.ndarray:
+    """Rows (ascending) of the manifest's samples where `query` holds: one DuckDB scan of the manifest files
+    reading only the columns the query names, returning (file, row in file) of the hits."""
+    con = _connect()
+    paths = manifest.part_paths
+    if manifest.fs.protocol not in ("file", "local") and "file" not in manifest.fs.protocol:
+        con.register_filesystem(manifest.fs)
+        paths = [manifest.fs.unstrip_protocol(p) for p in paths]
+    listing = "[" + ", ".join(_text(p) for p in paths) + "]"
+    source = (f"read_parquet({listing}, filename='__lvd_file', file_row_number=true, union_by_name=true)")
+    compiled = compile_query(query, manifest.schema, con, source)
+    hits = con.sql(f"SELECT __lvd_file, file_row_number FROM {source} WHERE {compiled.where}").to_arrow_table()
+    file_index = pc.index_in(hits.column("__lvd_file"), value_set=pa.array(paths)).to_numpy(zero_copy_only=False)
+    rows = manifest.part_starts[file_index] + hits.column("file_row_number").to_numpy(zero_copy_only=False)
+    return np.sort(rows.astype(np.int64))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,7 @@ class CurationRun:
 
     The order of the clips is that of the ledger's files (bucket, then name), and within a file video by video
     in clip order: fixed for a given ledger, so re-runs pack the same shards, and reached without sorting the
-    whole run (a global sort by video would hold every clip's ids at once and, as buckets hash the video id,
-    read every file again for every shard)."""
+    whole run (a global sort by video would hold every clip's ids at once)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -82,31 +80,20 @@ class CurationRun:
         typed = [DECISION_SCHEMA.field(f.name) if f.name in DECISION_SCHEMA.names else f for f in decided]
         return pa.schema([*(f for f in CLIP_SCHEMA if f.name not in names), *typed])
 
-    def chosen_ids(self, selection: str) -> Iterator[pa.ChunkedArray]:
-        """The clip ids `chosen` yields, per file, reading only the ids, status and decisions."""
-        for _, table in self._chosen(selection, ["clip_id", "status"]):
-            yield table.column("clip_id")
-
-    def chosen(self, selection: str) -> Iterator[pa.Table]:
-        """The clips to write with every column of `schema()`, one table per ledger file, in the run's order."""
-        schema = self.schema()
-        for path, table in self._chosen(selection, None):
-            if set(table.column_names) != set(schema.names):
-                raise ValueError(f"{self.ledger.decision_file(path)} has other decision columns than the first "
-                                 f"decisions file ({sorted(set(table.column_names) ^ set(schema.names))} differ): "
-                                 "re-decide the run with `lvd curate RECIPE --rethreshold`")
-            yield table.select(schema.names).cast(schema).sort_by(FILE_ORDER)
-
-    def _chosen(self, selection: str, columns: list[str] | None) -> Iterator[tuple[Path, pa.Table]]:
-        """(clips file, its chosen clips projected to `columns` with the decision columns), one file at a time."""
+    def chosen_file(self, path: Path, selection: str) -> pa.Table:
+        """One ledger file's chosen clips with every column of `schema()`, video by video in clip order (a
+        group of `lvd shards write`: one task reads it whole, as the sample json carries every column)."""
         if selection not in SELECTIONS:
             raise ValueError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
-        for path in self.clip_files():
-            table = read_clip_file(path, self.ledger.decision_file(path), columns, kept_only=selection == "keep")
-            if selection == "all_usable":
-                table = table.filter(pc.equal(table.column("status"), "ok"))
-            if table.num_rows:
-                yield path, table
+        schema = self.schema()
+        table = read_clip_file(path, self.ledger.decision_file(path), None, kept_only=selection == "keep")
+        if selection == "all_usable":
+            table = table.filter(pc.equal(table.column("status"), "ok"))
+        if set(table.column_names) != set(schema.names):
+            raise ValueError(f"{self.ledger.decision_file(path)} has other decision columns than the first "
+                             f"decisions file ({sorted(set(table.column_names) ^ set(schema.names))} differ): "
+                             "re-decide the run with `lvd curate RECIPE --rethreshold`")
+        return table.select(schema.names).cast(schema).sort_by(FILE_ORDER)
 
     def clip_file(self, row: dict[str, Any]) -> Path:
         """The clip's mp4: the ledger's path, or the run's clips/ folder when the run folder has moved."""

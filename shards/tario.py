@@ -12,6 +12,8 @@ from __future__ import annotations
 import tarfile
 import zlib
 
+from shards.names import key_problem, member_problem
+
 BLOCK = tarfile.BLOCKSIZE  # 512
 END_OF_ARCHIVE = b"\0" * (2 * BLOCK)
 
@@ -41,9 +43,10 @@ def sample_bytes(key: str, files: dict[str, bytes]) -> bytes:
 def sample_layout(key: str, files: dict[str, bytes]) -> tuple[bytes, list[dict]]:
     """The sample's bytes and where each member's data lies in them: [{ext, offset, size, crc32}], so that a
     reader can fetch one member (the latents, a frame) without the rest."""
-    if not key or "/" in key or "." in key:
-        raise ValueError(f"sample key {key!r} must be a plain name without '/' or '.' (WebDataset splits "
-                         "member names at the first dot)")
+    problem = key_problem(key) or next((p for ext in files if (p := member_problem(f"{key}.{ext}"))), None)
+    if problem:
+        raise ValueError(f"cannot write sample: {problem}; sample keys are plain names (clip ids) without '/', "
+                         "'.' or control characters")
     parts, layout, pos = [], [], 0
     for ext in sorted(files):
         data = files[ext]
@@ -57,7 +60,8 @@ def sample_layout(key: str, files: dict[str, bytes]) -> tuple[bytes, list[dict]]
 
 def parse_sample(buf: bytes | memoryview, key: str | None = None) -> dict[str, memoryview]:
     """Members of one sample's byte range: {extension: data} (views into `buf`). Raises SampleFormatError on
-    any corruption: a header whose checksum fails, a member running past the range, a name of another key."""
+    any corruption: a header whose checksum fails, a member running past the range, a name of another key or
+    one the writer could not have written (shards/names.py)."""
     view = memoryview(buf)
     out: dict[str, memoryview] = {}
     pos, long_name = 0, None
@@ -79,10 +83,10 @@ def parse_sample(buf: bytes | memoryview, key: str | None = None) -> dict[str, m
         name, long_name = long_name or name, None
         if kind not in (b"0", b"\0"):
             raise SampleFormatError(f"member {name!r} is not a regular file (type {kind!r})")
-        member_key, dot, ext = name.partition(".")
-        if not dot or (key is not None and member_key != key):
-            raise SampleFormatError(f"member {name!r} does not belong to sample {key!r}")
-        out[ext] = view[start:end]
+        problem = member_problem(name, key)
+        if problem:
+            raise SampleFormatError(problem)
+        out[name.partition(".")[2]] = view[start:end]
     if not out:
         raise SampleFormatError("no members")
     return out

@@ -107,3 +107,68 @@ def fake_run(run_dir: str | Path, num_clips: int = 8, num_frames: int = 16, fps:
               {"step": "kept", "count": int(clips["keep"].sum())}]
     Ledger(run_dir).write_frames(videos, clips, funnel)
     return clips
+
+
+def manifest_of(samples: pd.DataFrame, folder: str | Path | None = None, **info) -> "Manifest":
+    """A shard folder holding only a manifest of `samples` (one manifest file, no tars): for plan tests and
+    benchmarks that need no sample bytes."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards.manifest import Manifest, part_name
+    from shards.writer import write_index
+
+    folder = Path(folder or tempfile.mkdtemp(prefix="lvd-manifest-"))
+    shard = "shard-000000-00000.tar"
+    table = pa.Table.from_pandas(samples.assign(shard=shard), preserve_index=False)
+    (folder / "manifest").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, folder / part_name(shard))
+    write_index(folder, [{"shard": shard, "num_samples": len(samples), "size_bytes": 0, "sha256": ""}],
+                {"selection": "keep", "num_skipped": 0, **info})
+    return Manifest.load(str(folder))
+
+
+def repack_hostile(folder: Path, keys: dict[str, str] | None = None,
+                   members: dict[str, dict[str, str]] | None = None) -> None:
+    """Rewrites a (small) shard folder in place as an attacker would: sample k's key becomes keys[k] in the
+    manifest and its tars, the tar member of sample k with extension ext is named members[k][ext]; every offset
+    and checksum is recomputed, so that only the names give the shards away."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards.manifest import SHARDS_SCHEMA, Manifest, part_name, part_table
+    from shards.reader import SampleReader
+    from shards.tario import BLOCK, END_OF_ARCHIVE, crc32, member_bytes
+
+    keys, members = keys or {}, members or {}
+    manifest = Manifest.load(str(folder))
+    reader = SampleReader(str(folder))
+    by_shard: dict[str, list[dict]] = {}
+    for rec in manifest.table.to_pylist():
+        by_shard.setdefault(rec["shard"], []).append(rec)
+    shard_rows = []
+    for shard, recs in sorted(by_shard.items()):
+        rows = []
+        files = [{ext: bytes(v) for ext, v in reader.read(rec).items()} for rec in recs]
+        out = bytearray()
+        for rec, sample in zip(recs, files):
+            key, start, layout = keys.get(rec["key"], rec["key"]), len(out), []
+            for ext in sorted(sample):
+                data = sample[ext]
+                member = member_bytes(members.get(rec["key"], {}).get(ext, f"{key}.{ext}"), data)
+                header = len(member) - len(data) - (-len(data)) % BLOCK
+                layout.append({"ext": ext, "offset": len(out) - start + header, "size": len(data), "crc32": crc32(data)})
+                out += member
+            rows.append({**rec, "key": key, "offset": start, "size_bytes": len(out) - start,
+                         "crc32": crc32(bytes(out[start:])), "members": layout})
+        out += END_OF_ARCHIVE
+        (Path(folder) / shard).write_bytes(out)
+        shard_rows.append({"shard": shard, "num_samples": len(recs), "size_bytes": len(out),
+                           "sha256": hashlib.sha256(out).hexdigest()})
+        pq.write_table(part_table(rows, manifest.schema, shard_rows[-1]), Path(folder) / part_name(shard))
+    reader.close()
+    pq.write_table(pa.Table.from_pylist(shard_rows, schema=SHARDS_SCHEMA), Path(folder) / "shards.parquet")

@@ -5,19 +5,28 @@ is then read sample by sample (byte range, tar headers, crc32) to name the damag
 sample the damaged members (mp4, json, jpgs, emb/latents/text safetensors: each has its crc32 in the
 manifest). It also reports shard files missing, stray (in the folder but not the manifest) and left-over
 temporary files.
+
+Names are checked with the writer's own rule (shards/names.py): every key, shard and member extension in the
+manifest (shards.parquet's shard names already when it is loaded), and (unless quick) the name and type of
+every member in each tar, read from its headers alone. A
+name the writer could not have written (`../`, an absolute path, a control character, a link) is an error:
+such a shard is hostile, whatever its checksums say.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from shards.manifest import EMBEDDING_SHAPES, Manifest, join
+from shards.manifest import EMBEDDING_SHAPES, Manifest, join, part_name
+from shards.names import member_problem
 from shards.reader import SampleReader
 from shards.tario import SampleFormatError, crc32, parse_sample
 
@@ -40,23 +49,35 @@ class VerifyReport:
     problems: list[ShardProblem] = field(default_factory=list)
     stray: list[str] = field(default_factory=list)
     temporary: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (sample key or shard, why): hostile names
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.refused
 
     def lines(self) -> list[str]:
         out = [f"{self.root}: {self.num_shards} shards, {self.num_samples} samples, {self.num_bytes / 1e6:.1f} MB checked"]
         for p in self.problems:
             out.append(f"  BAD {p.shard}: {p.problem}; {len(p.bad_samples)} damaged samples")
             out += [f"      {key}: {why}" for key, why in p.bad_samples[:20]]
+        for where, why in self.refused[:20]:
+            out.append(f"  REFUSED {where}: {why}")
+        if len(self.refused) > 20:
+            out.append(f"  ... and {len(self.refused) - 20} more refused names")
         if self.stray:
             out.append(f"  note: {len(self.stray)} shard files not in the manifest: {', '.join(self.stray[:5])}")
         if self.temporary:
             out.append(f"  note: {len(self.temporary)} temporary files of an interrupted writer "
                        f"(re-run `lvd shards write` to finish): {', '.join(self.temporary[:5])}")
-        out.append("OK" if self.ok else f"FAILED: {len(self.problems)} shards damaged; rewrite them with `lvd shards "
-                                          "write` into a new folder, or restore them from a copy")
+        if self.ok:
+            out.append("OK")
+        if self.problems:
+            out.append(f"FAILED: {len(self.problems)} shards damaged; rewrite them with `lvd shards write` into a new "
+                       "folder, or restore them from a copy")
+        if self.refused:
+            out.append(f"FAILED: {len(self.refused)} names the writer could not have written (path traversal, absolute "
+                       "paths, control characters, links): do not extract or train on these shards; rewrite them "
+                       "with `lvd shards write` from their curation run")
         return out
 
 
@@ -79,6 +100,10 @@ def verify(root: str, workers: int = 4, quick: bool = False) -> VerifyReport:
     known = set(manifest.shards["shard"])
     report.stray = sorted(n for n in listing if n.startswith("shard-") and n.endswith(".tar") and n not in known)
     report.temporary = sorted(n for n in listing if n.startswith(".shard-") and n.endswith(".tmp"))
+    refused = manifest.refused
+    keys = manifest.take(np.array([r for r, _ in refused], np.int64), ["key"]).column("key").to_pylist()
+    report.refused = [(str(key), why) for key, (_, why) in zip(keys, refused)]
+    member_refusals: list[tuple[str, str]] = []
 
     def check(row: dict) -> ShardProblem | None:
         name = row["shard"]
@@ -94,6 +119,8 @@ def verify(root: str, workers: int = 4, quick: bool = False) -> VerifyReport:
         digest, _ = sha256_of(fs, join(path, name))
         if digest != row["sha256"]:
             return ShardProblem(name, "checksum: sha256 differs from the manifest")
+        keys = set(pq.read_table(join(path, part_name(name)), columns=["key"], filesystem=fs).column("key").to_pylist())
+        member_refusals.extend((name, why) for why in member_problems(fs, join(path, name), keys))
         return None
 
     rows = manifest.shards.to_dict("records")
@@ -105,7 +132,28 @@ def verify(root: str, workers: int = 4, quick: bool = False) -> VerifyReport:
             problem.bad_samples = damaged_samples(manifest, reader, problem.shard)
     reader.close()
     report.problems = found
+    report.refused += sorted(member_refusals)
     return report
+
+
+def member_problems(fs, path: str, keys: set[str]) -> list[str]:
+    """Why each member of the tar at `path` is not one the writer could have written for the samples `keys`:
+    its name (shards/names.py), its type (only regular files), its key. Headers only: tarfile seeks past the
+    data, and reads long names and pax headers as an extracting tool would."""
+    out = []
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                why = member_problem(member.name)
+                if why is None and not member.isreg():
+                    why = f"member {member.name!r} is not a regular file"
+                if why is None and member.name.partition(".")[0] not in keys:
+                    why = f"member {member.name!r} belongs to no sample of the manifest"
+                if why is not None:
+                    out.append(why)
+    except tarfile.TarError as e:
+        out.append(f"not a readable tar: {e}")
+    return out
 
 
 def damaged_samples(manifest: Manifest, reader: SampleReader, shard: str) -> list[tuple[str, str]]:

@@ -1,12 +1,18 @@
 """Writing WebDataset shards: a curation run's clips (`write_shards`), or a subset of existing shards with
 extra files such as precomputed latents (`rewrite_shards`).
 
-Atomic and resumable: a shard is written as `.shard-000007.tar.tmp`, fsynced, renamed to `shard-000007.tar`,
-and only then is its manifest part `parts/shard-000007.parquet` renamed into place. The part is the marker
-that the shard is finished; a killed writer leaves a temporary file (removed on the next run) and at most
-one final-named but unrecorded tar (complete, and rewritten on the next run). The next run skips the samples
-of finished shards and packs the rest exactly as an uninterrupted run would have, so the shards come out
-byte-identical.
+`write_shards` is a Ray job (tasks when Ray is initialised, else in this process): the driver lists the
+ledger's files and launches one task per file (a group); the task reads that file's chosen clips with the
+columns the samples need, packs them into the group's shards `shard-GGGGGG-NNNNN.tar` in the ledger file's
+order (video by video, clip by clip) and writes each shard's manifest file. Only shard rows and skip
+reasons come back to the driver, which writes shards.parquet and info.json.
+
+Atomic and resumable per shard: a shard is written as `.shard-000003-00007.tar.tmp`, fsynced, renamed to
+`shard-000003-00007.tar`, and only then is its manifest file `manifest/shard-000003-00007.parquet` renamed
+into place. The manifest file is the marker that the shard is finished; a killed writer leaves temporary
+files (removed on the next run) and at most one final-named but unrecorded tar per group (complete, and
+rewritten on the next run). The next run skips the samples of finished shards and packs the rest exactly
+as an uninterrupted run would have, so the shards come out byte-identical.
 """
 
 from __future__ import annotations
@@ -16,28 +22,27 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shards.config import ShardWriteConfig
 from shards.decode import DecodeError, encode_jpg, first_last_frames
-from shards.manifest import (FORMAT, RESERVED, SHARD_PATTERN, SHARDS_SCHEMA, Manifest, manifest_schema,
-                             part_table, read_part)
+from shards.manifest import (FORMAT, INFO, MANIFEST_DIR, RESERVED, SHARDS_SCHEMA, Manifest, manifest_schema,
+                             part_name, part_table, read_part, read_shard_row, shard_name)
+from shards.names import key_problem, shard_problem
 from shards.source import (EMBEDDING_COLUMNS, EMBEDDING_FILE, CurationRun, embedding_file,
                            embedding_shape_column, manifest_columns, sample_json)
 from shards.tario import END_OF_ARCHIVE, crc32, sample_layout
 
 log = logging.getLogger("lvd.shards")
-PART_RE = re.compile(r"shard-(\d{6})\.parquet$")
+PART_RE = re.compile(r"^shard-(\d{6})-(\d{5})\.parquet$")
 TENSOR_FILES = {"latents.safetensors": "latents_shape", "text.safetensors": "text_shape"}
 
 
@@ -77,7 +82,7 @@ class WriteSummary:
 class ClipSampleMaker:
     """A ledger row -> the sample's files: the clip's mp4, its json, its first and last frames as jpg, and its
     embeddings (emb.safetensors) when the ledger has them for the clip.
-    Picklable (no state but settings) so that a process pool can prepare samples."""
+    Holds settings only, so that it pickles cheaply into a write task."""
 
     def __init__(self, run: CurationRun, columns: list[str], jpeg_quality: int, frame_max_side: int | None) -> None:
         self.run, self.columns = run, columns
@@ -106,23 +111,26 @@ class ClipSampleMaker:
 
 
 class ShardWriter:
-    """Packs prepared samples into size-bounded tar shards with a manifest part per shard."""
+    """Packs prepared samples into size-bounded tar shards of one group, with a manifest file per shard."""
 
-    def __init__(self, out_dir: str | Path, config: ShardWriteConfig, schema: pa.Schema, start_index: int = 0) -> None:
+    def __init__(self, out_dir: str | Path, config: ShardWriteConfig, schema: pa.Schema, group: int = 0,
+                 start_index: int = 0) -> None:
         self.out_dir = Path(out_dir)
         self.config = config
         self.schema = schema
+        self.group = group
         self.index = start_index
         self.num_written = 0
+        self.shard_rows: list[dict[str, Any]] = []  # the shards this writer finished
         self._file = None
         self._rows: list[dict[str, Any]] = []
         self._size = 0
         self._sha = hashlib.sha256()
-        (self.out_dir / "parts").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
 
     @property
     def shard_name(self) -> str:
-        return SHARD_PATTERN.format(self.index)
+        return shard_name(self.group, self.index)
 
     def _tmp(self) -> Path:
         return self.out_dir / f".{self.shard_name}.tmp"
@@ -167,24 +175,37 @@ class ShardWriter:
         final = self.out_dir / self.shard_name
         shard_row = {"shard": self.shard_name, "num_samples": len(self._rows), "size_bytes": self._size,
                      "sha256": self._sha.hexdigest()}
-        part = self.out_dir / "parts" / f"{final.stem}.parquet"
+        part = self.out_dir / part_name(self.shard_name)
         part_tmp = part.with_name(f".{part.name}.tmp")
         pq.write_table(part_table(self._rows, self.schema, shard_row), part_tmp)
         os.replace(self._tmp(), final)  # the shard becomes visible complete...
         os.replace(part_tmp, part)      # ...and is recorded; a kill between the two is repaired on resume
+        self.shard_rows.append(shard_row)
         self._rows = []
         self.index += 1
 
 
 @dataclass
 class ResumePoint:
-    done_keys: set[str]
+    """A group's finished shards: their rows, the keys they hold, and the next shard number."""
+
+    shard_rows: list[dict[str, Any]]
+    done_keys: pa.Array
     next_index: int
 
 
-def prepare_out_dir(out_dir: Path, writer_doc: dict[str, Any]) -> ResumePoint:
-    """Checks that `out_dir` is empty or holds shards written with the same settings; removes what a
-    killed run left (temporary files, a final tar without its part); returns what is already finished."""
+@dataclass
+class GroupResult:
+    """What a group's task sends back: small (one row per shard, one entry per skipped or stale sample)."""
+
+    shard_rows: list[dict[str, Any]]
+    num_written: int
+    skipped: list[Skipped]
+    stale: list[str] = field(default_factory=list)
+
+
+def prepare_out_dir(out_dir: Path, writer_doc: dict[str, Any]) -> None:
+    """Checks that `out_dir` is empty or holds shards written with the same settings (the driver, once)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc_path = out_dir / "writer.json"
     if doc_path.exists():
@@ -193,61 +214,84 @@ def prepare_out_dir(out_dir: Path, writer_doc: dict[str, Any]) -> ResumePoint:
             changed = sorted(k for k in set(previous) | set(writer_doc) if previous.get(k) != writer_doc.get(k))
             raise ValueError(f"{out_dir} holds shards written with other settings ({', '.join(changed)} differ); "
                              "write to a new folder, or delete this one to start over")
-    elif any(out_dir.glob("shard-*.tar")) or (out_dir / "manifest.parquet").exists():
+    elif any(out_dir.glob("shard-*.tar")) or (out_dir / MANIFEST_DIR).exists() or (out_dir / INFO).exists():
         raise ValueError(f"{out_dir} holds shards this writer did not start (no writer.json); use an empty folder")
     else:
         _atomic_text(doc_path, json.dumps(writer_doc, indent=2, sort_keys=True))
-    for tmp in out_dir.glob(".shard-*.tar.tmp"):
+    (out_dir / MANIFEST_DIR).mkdir(exist_ok=True)
+
+
+def resume_group(out_dir: Path, group: int) -> ResumePoint:
+    """Removes what a killed run left of `group` (temporary files, a final tar without its manifest file) and
+    returns what it had finished."""
+    prefix = f"shard-{group:06d}-"
+    for tmp in [*out_dir.glob(f".{prefix}*.tar.tmp"), *(out_dir / MANIFEST_DIR).glob(f".{prefix}*.tmp")]:
         tmp.unlink()
-    for tmp in (out_dir / "parts").glob(".*.tmp") if (out_dir / "parts").is_dir() else []:
-        tmp.unlink()
-    indices = sorted(int(m.group(1)) for p in (out_dir / "parts").glob("shard-*.parquet")
-                     if (m := PART_RE.search(p.name))) if (out_dir / "parts").is_dir() else []
-    if indices != list(range(len(indices))):
-        raise ValueError(f"{out_dir}/parts holds shards {indices[:10]}... with gaps; the folder was edited by hand: "
-                         "write to a new folder")
-    for tar in out_dir.glob("shard-*.tar"):
-        if int(tar.stem.split("-")[1]) >= len(indices):
+    parts = sorted((out_dir / MANIFEST_DIR).glob(f"{prefix}*.parquet"))
+    indices = [int(m.group(2)) for p in parts if (m := PART_RE.match(p.name))]
+    if indices != list(range(len(indices))) or len(indices) != len(parts):
+        raise ValueError(f"{out_dir}/{MANIFEST_DIR} holds shards {[p.name for p in parts][:5]}... of group {group} "
+                         "with gaps; the folder was edited by hand: write to a new folder")
+    for tar in out_dir.glob(f"{prefix}*.tar"):
+        if int(tar.stem.rsplit("-", 1)[1]) >= len(indices):
             log.info("removing %s: written but not recorded before the writer stopped", tar.name)
             tar.unlink()
-    done: set[str] = set()
-    for i in indices:
-        table, _ = read_part(out_dir / "parts" / f"shard-{i:06d}.parquet")
-        done.update(table.column("key").to_pylist())
-    return ResumePoint(done, len(indices))
+    keys = [read_part(p, ["key"])[0].column("key") for p in parts]
+    done = pa.chunked_array(keys, pa.string()).combine_chunks() if keys else pa.array([], pa.string())
+    return ResumePoint([read_shard_row(p) for p in parts], done, len(indices))
 
 
-def consolidate(out_dir: Path, info: dict[str, Any]) -> Manifest:
-    """parts/ -> manifest.parquet, shards.parquet, info.json (each written atomically)."""
-    parts = sorted((out_dir / "parts").glob("shard-*.parquet"))
-    tables, shard_rows = [], []
-    for p in parts:
-        table, meta = read_part(p)
-        tables.append(table)
-        shard_rows.append(meta)
-    # promote: parts written before a reserved column was added (a resumed folder) get nulls for it
-    samples = pa.concat_tables(tables, promote_options="default") if tables else None
-    shards = pa.Table.from_pylist(shard_rows, schema=SHARDS_SCHEMA)
-    if samples is None:
+def write_index(out_dir: Path, shard_rows: list[dict[str, Any]], info: dict[str, Any]) -> Manifest:
+    """shards.parquet and info.json (each written atomically, info.json last: the folder is complete)."""
+    shard_rows = sorted(shard_rows, key=lambda r: r["shard"])
+    if not shard_rows:
         raise ValueError(f"no samples were written to {out_dir}; {info.get('num_skipped', 0)} were skipped "
                          "(see info.json) — check the run's clip files")
+    shards = pa.Table.from_pylist(shard_rows, schema=SHARDS_SCHEMA)
     _atomic_parquet(out_dir / "shards.parquet", shards)
-    full_info = {"format": FORMAT, **info, "num_samples": samples.num_rows, "num_shards": len(shard_rows),
-                 "size_bytes": int(sum(r["size_bytes"] for r in shard_rows))}
-    _atomic_text(out_dir / "info.json", json.dumps(full_info, indent=2, default=str))
-    _atomic_parquet(out_dir / "manifest.parquet", samples)  # last: its presence means "complete"
-    return Manifest(str(out_dir), samples.to_pandas(), shards.to_pandas(), full_info, samples)
+    full_info = {"format": FORMAT, **info, "num_samples": int(sum(r["num_samples"] for r in shard_rows)),
+                 "num_shards": len(shard_rows), "size_bytes": int(sum(r["size_bytes"] for r in shard_rows))}
+    _atomic_text(out_dir / INFO, json.dumps(full_info, indent=2, default=str))
+    return Manifest(str(out_dir), shards.to_pandas(), full_info)
+
+
+def write_group(run_dir: str, out_dir: str, group: int, clips_file: str, config: ShardWriteConfig,
+                columns: list[str], schema: pa.Schema) -> GroupResult:
+    """One task: a ledger file's chosen clips -> the group's shards and their manifest files, resuming after
+    the shards an earlier run finished. Refuses (writing nothing) when a finished shard holds a clip the
+    ledger no longer selects."""
+    run, out = CurationRun(run_dir), Path(out_dir)
+    resume = resume_group(out, group)
+    table = run.chosen_file(Path(clips_file), config.selection)
+    ids = table.column("clip_id")
+    stale = pc.filter(resume.done_keys, pc.invert(pc.is_in(resume.done_keys, value_set=ids)))
+    if len(stale):
+        return GroupResult(resume.shard_rows, 0, [], stale.to_pylist()[:5])
+    table = table.filter(pc.invert(pc.is_in(ids, value_set=resume.done_keys)))
+    maker = ClipSampleMaker(run, columns, config.jpeg_quality, config.frame_max_side)
+    writer = ShardWriter(out, config, schema, group=group, start_index=resume.next_index)
+    skipped: list[Skipped] = []
+    for batch in table.to_batches(max_chunksize=64):  # Python rows of a few clips at a time
+        for row in batch.to_pylist():
+            result = maker(row)
+            if isinstance(result, Skipped):
+                log.warning("skipping clip %s: %s", result.key, result.reason)
+                skipped.append(result)
+            else:
+                writer.add(result)
+    writer.close()
+    return GroupResult(resume.shard_rows + writer.shard_rows, writer.num_written, skipped)
 
 
 def write_shards(run_dir: str | Path, out_dir: str | Path, config: ShardWriteConfig | None = None,
                  progress: Callable[[int, int], None] | None = None) -> WriteSummary:
     """A curation run's clips (config.selection) -> shards + manifest in `out_dir`; resumes a killed run.
+    One task per ledger file (see the module docstring); `progress(files done, files)`."""
+    from curation.tasks import imap_tasks
 
-    Two passes over the ledger, one file at a time: the first reads ids and decisions only (what is left to
-    write, and whether the run still selects every sample already written), the second every column of one
-    file's clips while they are packed."""
     config = config or ShardWriteConfig()
     run, out_dir = CurationRun(run_dir), Path(out_dir)
+    files = run.clip_files()
     ledger_schema = run.schema()
     columns = manifest_columns(ledger_schema)
     schema = manifest_schema(pa.schema([ledger_schema.field(c) for c in columns]))
@@ -256,86 +300,79 @@ def write_shards(run_dir: str | Path, out_dir: str | Path, config: ShardWriteCon
                   "ledger_columns": columns,
                   "embedding_columns": [c for c in EMBEDDING_COLUMNS if c in ledger_schema.names],
                   **config.model_dump(exclude={"workers"})}
-    resume = prepare_out_dir(out_dir, writer_doc)
-    done = pa.array(sorted(resume.done_keys), pa.string())
-    stale, total = set(resume.done_keys), 0
-    for ids in run.chosen_ids(config.selection):
-        written = pc.is_in(ids, value_set=done)
-        stale.difference_update(ids.filter(written).to_pylist())
-        total += len(ids) - pc.sum(written).as_py()
-    if stale:
-        raise ValueError(f"{out_dir} holds {len(stale)} samples the ledger no longer selects (e.g. {sorted(stale)[0]}): "
-                         "the run was re-thresholded since; write to a new folder")
-
-    def todo() -> Iterator[dict[str, Any]]:
-        for table in run.chosen(config.selection):
-            table = table.filter(pc.invert(pc.is_in(table.column("clip_id"), value_set=done)))
-            for batch in table.to_batches(max_chunksize=256):  # Python rows of a few clips at a time
-                yield from batch.to_pylist()
-
-    maker = ClipSampleMaker(run, columns, config.jpeg_quality, config.frame_max_side)
-    writer = ShardWriter(out_dir, config, schema, start_index=resume.next_index)
+    prepare_out_dir(out_dir, writer_doc)
+    calls = [(str(run.run_dir), str(out_dir), g, str(path), config, columns, schema) for g, path in enumerate(files)]
+    shard_rows: list[dict[str, Any]] = []
     skipped: list[Skipped] = []
-    for n, result in enumerate(_map(maker, todo(), config.workers if total > 1 else 1), 1):
-        if isinstance(result, Skipped):
-            log.warning("skipping clip %s: %s", result.key, result.reason)
-            skipped.append(result)
-        else:
-            writer.add(result)
+    stale: list[str] = []
+    num_written = 0
+    for n, result in enumerate(imap_tasks(write_group, calls), 1):
+        shard_rows += result.shard_rows
+        skipped += result.skipped
+        stale += result.stale
+        num_written += result.num_written
         if progress:
-            progress(n, total)
-    writer.close()
+            progress(n, len(calls))
+    if stale:
+        raise ValueError(f"{out_dir} holds samples the ledger no longer selects (e.g. {sorted(stale)[0]}): "
+                         "the run was re-thresholded since; write to a new folder")
     info = {"source_run": str(run.run_dir.resolve()), "selection": config.selection,
             "writer": config.model_dump(exclude={"workers"}), "num_skipped": len(skipped),
             "skipped": [{"key": s.key, "reason": s.reason} for s in skipped]}
-    manifest = consolidate(out_dir, info)
-    return WriteSummary(out_dir, len(manifest.samples), len(manifest.shards), writer.num_written,
+    manifest = write_index(out_dir, shard_rows, info)
+    return WriteSummary(out_dir, manifest.num_samples, len(manifest.shards), num_written,
                         int(manifest.info["size_bytes"]), skipped)
 
 
 def rewrite_shards(source: Manifest, rows: Iterable[int] | None, out_dir: str | Path,
                    config: ShardWriteConfig | None = None,
                    add_files: Callable[[str, dict[str, bytes]], dict[str, bytes]] | None = None) -> WriteSummary:
-    """Copies samples (manifest row indices; None = all) into new shards without re-encoding: a compacted
+    """Copies samples (manifest rows; None = all) into new shards (one group) without re-encoding: a compacted
     subset, or the same samples with extra members. `add_files(key, members) -> {ext: bytes}` returns files
     to add or replace, e.g. {"latents.safetensors": ...} from training's precompute step."""
     from shards.reader import SampleReader
 
     config = config or ShardWriteConfig()
     out_dir = Path(out_dir)
-    frame = source.samples if rows is None else source.samples.iloc[np.asarray(list(rows), dtype=np.int64)]
-    ledger_cols = [c for c in source.samples.columns if c not in RESERVED]
-    ledger_schema = pa.Schema.from_pandas(source.samples[ledger_cols], preserve_index=False)
-    schema = manifest_schema(ledger_schema)
+    table = source.table if rows is None else source.take(np.asarray(list(rows), dtype=np.int64), None)
+    ledger_cols = [c for c in table.column_names if c not in RESERVED]
+    schema = manifest_schema(table.select(ledger_cols).schema)
+    keys = table.column("key").to_pylist()
     writer_doc = {"format": FORMAT, "source_shards": source.root, "source_fingerprint": source.fingerprint(),
-                  "selection": source.selection, "num_selected": len(frame),
-                  "selected": hashlib.sha256("\n".join(frame["key"]).encode()).hexdigest()[:16],
+                  "selection": source.selection, "num_selected": len(keys),
+                  "selected": hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16],
                   "adds_files": add_files is not None, **config.model_dump(exclude={"workers", "selection"})}
-    resume = prepare_out_dir(out_dir, writer_doc)
+    prepare_out_dir(out_dir, writer_doc)
+    resume = resume_group(out_dir, 0)
+    done = set(resume.done_keys.to_pylist())
     reader = SampleReader(source.root)
-    writer = ShardWriter(out_dir, config, schema, start_index=resume.next_index)
+    writer = ShardWriter(out_dir, config, schema, group=0, start_index=resume.next_index)
     skipped: list[Skipped] = []
-    for rec in frame.to_dict("records"):
-        rec = _row_dict(rec)
-        key = str(rec["key"])
-        if key in resume.done_keys:
-            continue
-        try:
-            members = {ext: bytes(v) for ext, v in reader.read(rec, verify=True).items()}
-        except Exception as e:  # noqa: BLE001 - a corrupt source sample is reported, not fatal
-            skipped.append(Skipped(key, f"corrupt: {e}"))
-            continue
-        if add_files is not None:
-            members.update(add_files(key, members))
-        writer.add(PreparedSample(key, members, {c: rec.get(c) for c in ledger_cols}))
+    for batch in table.to_batches(max_chunksize=64):
+        for rec in batch.to_pylist():
+            key = str(rec["key"])
+            if key in done:
+                continue
+            refused = key_problem(key) or shard_problem(rec["shard"])
+            if refused:  # a hostile manifest: never read, never written, never a file name
+                skipped.append(Skipped(key, f"refused: {refused}"))
+                continue
+            try:
+                members = {ext: bytes(v) for ext, v in reader.read(rec, verify=True).items()}
+            except Exception as e:  # noqa: BLE001 - a corrupt source sample is reported, not fatal
+                skipped.append(Skipped(key, f"corrupt: {e}"))
+                continue
+            if add_files is not None:
+                members.update(add_files(key, members))
+            writer.add(PreparedSample(key, members, {c: rec.get(c) for c in ledger_cols}))
     writer.close()
     reader.close()
     info = {"source_shards": source.root, "source_fingerprint": source.fingerprint(),
             "selection": source.selection, "source_run": source.info.get("source_run"),
             "writer": config.model_dump(exclude={"workers", "selection"}), "num_skipped": len(skipped),
             "skipped": [{"key": s.key, "reason": s.reason} for s in skipped]}
-    manifest = consolidate(out_dir, info)
-    return WriteSummary(out_dir, len(manifest.samples), len(manifest.shards), writer.num_written,
+    manifest = write_index(out_dir, resume.shard_rows + writer.shard_rows, info)
+    return WriteSummary(out_dir, manifest.num_samples, len(manifest.shards), writer.num_written,
                         int(manifest.info["size_bytes"]), skipped)
 
 
@@ -354,35 +391,6 @@ def tensor_shape(safetensors_bytes: bytes) -> list[int] | None:
         if name in tensors:
             return tensors[name]
     return next(iter(tensors.values())) if len(tensors) == 1 else None
-
-
-def _map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """fn over items in order; with workers > 1 in a process pool with a bounded number in flight, so that
-    memory stays flat however many clips the run has."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    from collections import deque
-
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _row_dict(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if _missing(v) else v) for k, v in row.items()}
-
-
-def _missing(v: Any) -> bool:
-    try:
-        return v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v))
-    except TypeError:
-        return False
 
 
 def _atomic_text(path: Path, text: str) -> None:

@@ -183,6 +183,7 @@ class Trainer:
                 engine.step()
                 loss_acc += loss.detach().float()
                 times.samples += inputs.batch_size
+                times.corrupt += int(batch.get("num_corrupt", 0))
                 local_samples += inputs.batch_size
             if stop:
                 log.event(f"a rank ran out of data before step {step + 1}: every rank stops at step {step}")
@@ -233,15 +234,15 @@ class Trainer:
 
         elapsed = max(times.elapsed, 1e-9)
         vec = torch.tensor([times.loss_sum, times.loss_count, times.samples, times.data_wait / elapsed,
-                            times.encode / elapsed], dtype=torch.float64, device=self.ctx.device)
+                            times.encode / elapsed, times.corrupt], dtype=torch.float64, device=self.ctx.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(vec)
-        loss_sum, count, samples, wait, encode = vec.tolist()
+        loss_sum, count, samples, wait, encode, corrupt = vec.tolist()
         w = self.ctx.world_size
         grad = self.engine.get_global_grad_norm()
         return {"loss": loss_sum / max(count, 1), "grad_norm": float(grad) if grad is not None else None, "lr": lr,
                 "samples_per_s": samples / elapsed, "data_wait": wait / w, "encode": encode / w,
-                "memory_gb": memory_gb(self.ctx.device)}
+                "num_corrupt": int(corrupt), "memory_gb": memory_gb(self.ctx.device)}
 
     def _sum_over_ranks(self, x: float) -> float:
         import torch.distributed as dist

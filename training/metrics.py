@@ -1,10 +1,11 @@
 """What a training run reports: one line per log step from rank 0, the same values in metrics.jsonl and
 TensorBoard, and a stage summary at the end.
 
-    step 120/1000 | loss 0.4123 | grad 0.91 | lr 1.0e-04 | 38.2 samples/s | data wait 0.8% | mem 12.3 GB | ETA 6m12s
+    step 120/1000 | loss 0.4123 | grad 0.91 | lr 1.0e-04 | 38.2 samples/s | data wait 0.8% | encode 3% | corrupt 0 | mem 12.3 GB | ETA 6m12s
 
 `data wait` is the share of wall time spent waiting for the next batch (the loader, not the VAE encode,
-which is compute and is reported as `encode`); samples/s counts every rank's samples.
+which is compute and is reported as `encode`); samples/s counts every rank's samples; `corrupt` is how many
+samples the loaders of every rank skipped as corrupt since the last log line (shards/loader.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class IntervalTimes:
         self.data_wait = 0.0
         self.encode = 0.0
         self.samples = 0
+        self.corrupt = 0
         self.steps = 0
         self.loss_sum = 0.0
         self.loss_count = 0
@@ -121,6 +123,7 @@ class MetricsLogger:
             parts.append(f"grad {values['grad_norm']:.3g}")
         parts += [f"lr {values['lr']:.2e}", f"{values['samples_per_s']:.1f} samples/s",
                   f"data wait {values['data_wait']:.1%}", f"encode {values['encode']:.0%}",
+                  f"corrupt {values.get('num_corrupt', 0)}",
                   f"mem {values['memory_gb']:.2f} GB"]
         if eta_s is not None:
             parts.append(f"ETA {format_duration(eta_s)}")

@@ -2,13 +2,16 @@
 
     lvd precompute SHARDS OUT --model runs/svd/stage1_image --set num_frames=14 --set fps=7 --set workers=8
 
-Each sample's clip is decoded as the training loader would (the first `num_frames` frames at `fps`, resized and
-centre-cropped to the nearest resolution bucket), encoded with the model's VAE (the mean of its posterior,
-scaled: what the diffusion trains on), and one of its captions (drawn by weight, seeded) is encoded by the
-frozen text tower (token states before the trainable projection). The work is split over Ray tasks (GPUs
-when asked); then the shard writer copies every sample into OUT with `latents.safetensors` and
-`text.safetensors` added, without re-encoding anything else. The training loader (latents: auto) then
-reads latents where they exist and decodes the rest; training accepts both in one run.
+One task per source shard (a Ray task when workers > 0 or on a cluster) reads that shard, decodes each selected
+sample's clip as the training loader would (the first `num_frames` frames at `fps`, resized and centre-cropped
+to the nearest resolution bucket), encodes the batch with the model's VAE (the mean of its posterior, scaled:
+what the diffusion trains on) and one of each clip's captions (drawn by weight, seeded) with the frozen text
+tower (token states before the trainable projection), and writes the shard's samples with `latents.safetensors`
+and `text.safetensors` added into one new shard (temporary name, then renamed) with its manifest file. Nothing
+else is re-encoded, nothing is written per sample, and no shard bytes pass through the driver, which only
+plans (which rows of which shard) and writes the index at the end. A re-run skips the shards already finished.
+The training loader (latents: auto) then reads latents where they exist and decodes the rest; training
+accepts both in one run.
 
 The latents belong to the VAE that made them: precompute with the VAE of the model being trained (the
 stage's init_from), and again if that VAE ever changes.
@@ -16,15 +19,15 @@ stage's init_from), and again if that VAE ever changes.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import logging
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import pydantic
 
 from common.config import Config
@@ -47,7 +50,7 @@ class PrecomputeConfig(Config):
     """Also precompute the text tower's token states of one caption per clip."""
     batch_size: int = 8
     workers: int = 0
-    """Ray tasks encoding in parallel; 0: encode in this process (no Ray)."""
+    """Ray tasks encoding in parallel (one source shard each); 0: encode in this process (no Ray)."""
     num_gpus: float = 0.0
     """GPUs per Ray task."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -64,10 +67,26 @@ class PrecomputeConfig(Config):
         from shards.config import LoaderConfig
 
         # One pass over the subset, in order, every sample exactly once (uneven: a rank may have a short batch).
+        # A corrupt sample does not stop the run: it is copied (or skipped with its reason) like any other.
         return LoaderConfig(shards=self.shards, query=self.query, batch_size=self.batch_size,
                             num_frames=[self.num_frames], fps=self.fps, resolutions=self.resolutions,
                             clip_start="start", shuffle=False, epochs=1, remainder="uneven", latents="ignore",
-                            image_ratio=0.0, num_workers=0, seed=self.seed)
+                            image_ratio=0.0, num_workers=0, seed=self.seed, max_corrupt_fraction=1.0)
+
+
+log = logging.getLogger("lvd.precompute")
+# one output shard per source shard, however much the latents add
+ONE_SHARD = 1 << 62
+
+
+@dataclass
+class ShardResult:
+    """What one shard's task sends back (small): its output shard's row, how many samples it encoded, what
+    it skipped."""
+
+    shard_rows: list[dict[str, Any]]
+    num_encoded: int
+    skipped: list
 
 
 @dataclass
@@ -76,10 +95,14 @@ class PrecomputeSummary:
     num_encoded: int
     num_samples: int
     seconds: float
+    num_skipped: int = 0
 
     def lines(self) -> list[str]:
-        return [f"{self.num_encoded} of {self.num_samples} samples got precomputed latents in {self.seconds:.1f}s; "
-                f"shards with them in {self.output}"]
+        out = [f"{self.num_encoded} of {self.num_samples} samples got precomputed latents in {self.seconds:.1f}s "
+               f"(by this run); shards with them in {self.output}"]
+        if self.num_skipped:
+            out.append(f"{self.num_skipped} samples skipped (corrupt or refused; listed in info.json)")
+        return out
 
 
 def _device(config: PrecomputeConfig):
@@ -91,84 +114,161 @@ def _device(config: PrecomputeConfig):
     return torch.device(want)
 
 
-def encode_part(config: PrecomputeConfig, part: int, num_parts: int, out_dir: str) -> int:
-    """Encodes part `part` of `num_parts` of the subset; writes KEY.latents.safetensors (and .text) into out_dir."""
-    import torch
-    from safetensors.torch import save
+_ENCODERS: dict[tuple, Any] = {}
 
-    from shards.loader import ShardLoader
+
+def _encoders(config: PrecomputeConfig):
+    """The model's VAE and text tower, loaded once per worker process (Ray reuses its workers across tasks)."""
     from training.export import load_pretrained
 
     dev = _device(config)
-    model = load_pretrained(config.model, allow_random_text=not config.text)
-    del model.unet  # only the VAE and the text tower work here
-    model.vae.to(dev).eval()
-    model.text_encoder.to(dev).eval()
-    loader = ShardLoader(config.loader_config(), rank=part, world_size=num_parts)
-    count = 0
+    key = (config.model, str(dev), config.text)
+    if key not in _ENCODERS:
+        model = load_pretrained(config.model, allow_random_text=not config.text)
+        del model.unet  # only the VAE and the text tower work here
+        model.vae.to(dev).eval()
+        model.text_encoder.to(dev).eval()
+        _ENCODERS.clear()
+        _ENCODERS[key] = model
+    return _ENCODERS[key], dev
+
+
+def encode_batch(config: PrecomputeConfig, batch: dict[str, Any]) -> dict[str, dict[str, bytes]]:
+    """{key: {"latents.safetensors": ..., "text.safetensors": ...}} for one loader batch of decoded clips."""
+    import torch
+    from safetensors.torch import save
+
+    model, dev = _encoders(config)
     with torch.no_grad():
+        frames = batch["frames_BTCHW"].to(dev).float() / 127.5 - 1.0
+        latents = model.encode_frames(frames).float().cpu()
+        states = None
+        if config.text:
+            tower = model.text_encoder
+            _, states = tower.tower(tower.tokenizer(list(batch["caption"])).to(dev))
+            states = states.float().cpu()
+    out = {}
+    for i, key in enumerate(batch["key"]):
+        files = {"latents.safetensors": save({"latents": latents[i].contiguous()})}
+        if states is not None and batch["caption"][i]:
+            files["text.safetensors"] = save({"text": states[i].contiguous()})
+        out[key] = files
+    return out
+
+
+def precompute_shard(config: PrecomputeConfig, group: int, shard: str, rows: np.ndarray):
+    """One task: source shard `shard` -> output shard of group `group` with latents (and text states) added to
+    the samples at `rows` (of this shard's manifest file), the others copied as they are. Returns the writer's
+    ShardResult; a shard an earlier run finished is returned as it is, without reading anything."""
+    from shards.config import ShardWriteConfig
+    from shards.loader import ShardLoader
+    from shards.manifest import RESERVED, Manifest, manifest_schema
+    from shards.names import key_problem, shard_problem
+    from shards.plan import without_refused
+    from shards.reader import SampleReader
+    from shards.writer import PreparedSample, ShardWriter, Skipped, resume_group
+
+    out = Path(config.output)
+    resume = resume_group(out, group)
+    if resume.shard_rows:
+        return ShardResult(resume.shard_rows, 0, [])
+    source = Manifest.load(config.shards)
+    one = Manifest(source.root, source.shards[source.shards["shard"] == shard].reset_index(drop=True), source.info)
+    table = one.table
+    ledger_cols = [c for c in table.column_names if c not in RESERVED]
+    schema = manifest_schema(table.select(ledger_cols).schema)
+    writer = ShardWriter(out, ShardWriteConfig(shard_max_bytes=ONE_SHARD), schema, group=group)
+    reader = SampleReader(source.root)
+    pending = {str(rec["key"]): rec for rec in table.to_pylist()}  # this shard's samples, not yet written
+    skipped: list[Skipped] = []
+
+    def copy(key: str, extra: dict[str, bytes]) -> None:
+        rec = pending.pop(key, None)
+        if rec is None:  # a sample the loader substituted for a corrupt batch: written already
+            return
+        refused = key_problem(key) or shard_problem(rec["shard"])
+        if refused:
+            skipped.append(Skipped(key, f"refused: {refused}"))
+            return
+        try:
+            members = {ext: bytes(v) for ext, v in reader.read(rec, verify=True).items()}
+        except Exception as e:  # noqa: BLE001 - a corrupt source sample is reported, not fatal
+            skipped.append(Skipped(key, f"corrupt: {e}"))
+            return
+        writer.add(PreparedSample(key, {**members, **extra}, {c: rec.get(c) for c in ledger_cols}))
+
+    num_encoded = 0
+    rows, _ = without_refused(one, np.asarray(rows, np.int64))
+    if len(rows):
+        try:
+            loader = ShardLoader(config.loader_config(), rank=0, world_size=1, manifest=one, rows=rows)
+        except ValueError as e:  # e.g. no clip of this shard is long enough for num_frames: all are copied
+            log.warning("%s: nothing to encode: %s", shard, e)
+            loader = []
         for batch in loader:
             if batch["kind"] != "video":
                 continue
-            frames = batch["frames_BTCHW"].to(dev).float() / 127.5 - 1.0
-            latents = model.encode_frames(frames).float().cpu()
-            states = None
-            if config.text:
-                tower = model.text_encoder
-                _, states = tower.tower(tower.tokenizer(list(batch["caption"])).to(dev))
-                states = states.float().cpu()
-            for i, key in enumerate(batch["key"]):
-                files = {"latents.safetensors": save({"latents": latents[i].contiguous()})}
-                if states is not None and batch["caption"][i]:
-                    files["text.safetensors"] = save({"text": states[i].contiguous()})
-                for ext, data in files.items():
-                    tmp = Path(out_dir) / f".{key}.{ext}.tmp"
-                    tmp.write_bytes(data)
-                    os.replace(tmp, Path(out_dir) / f"{key}.{ext}")
-                count += 1
-    return count
+            for key, files in encode_batch(config, batch).items():
+                if key in pending:
+                    num_encoded += 1
+                copy(key, files)
+    for key in list(pending):  # not selected, not in a bucket, or corrupt
+        copy(key, {})
+    writer.close()
+    reader.close()
+    return ShardResult(writer.shard_rows, num_encoded, skipped)
 
 
 def precompute(config: PrecomputeConfig, address: str | None = None) -> PrecomputeSummary:
-    from shards.manifest import Manifest
-    from shards.writer import rewrite_shards
+    from curation.tasks import imap_tasks
+    from shards.config import ShardWriteConfig
+    from shards.manifest import FORMAT, INFO, Manifest
+    from shards.plan import subset_rows
+    from shards.writer import prepare_out_dir, write_index
 
     start = time.perf_counter()
     source = Manifest.load(config.shards)
-    work = Path(tempfile.mkdtemp(prefix="lvd-precompute-", dir=Path(config.output).parent
-                                 if Path(config.output).parent.exists() else None))
-    try:
-        if config.workers == 0:
-            encoded = encode_part(config, 0, 1, str(work))
-        else:
-            encoded = _encode_on_ray(config, str(work), address)
+    rows = subset_rows(source, config.loader_config())  # ascending
+    # rows -> (source shard, rows of its manifest file): the plan is all the driver holds
+    starts = source.part_starts
+    cuts = np.searchsorted(rows, starts)
+    out = Path(config.output)
+    doc = {"format": FORMAT, "source_shards": source.root, "source_fingerprint": source.fingerprint(),
+           "precompute": config.model_dump(mode="json", exclude={"shards", "output", "workers", "num_gpus", "device"})}
+    prepare_out_dir(out, doc)
+    (out / INFO).unlink(missing_ok=True)  # incomplete until this run has finished
+    calls = [(config, g, shard, rows[cuts[g] : cuts[g + 1]] - starts[g]) for g, shard in enumerate(source.shards["shard"])]
+    with ExitStack() as started:  # shuts down the Ray this call started
+        if config.workers and not _ray_initialized():
+            started.enter_context(_ray(config, address))
+        results = list(imap_tasks(precompute_shard, calls, num_gpus=config.num_gpus))
+    skipped = [s for r in results for s in r.skipped]
+    info = {"source_shards": source.root, "source_fingerprint": source.fingerprint(),
+            "selection": source.selection, "source_run": source.info.get("source_run"), "query": config.query,
+            "writer": ShardWriteConfig(shard_max_bytes=ONE_SHARD).model_dump(exclude={"workers", "selection"}),
+            "num_skipped": len(skipped), "skipped": [{"key": s.key, "reason": s.reason} for s in skipped]}
+    manifest = write_index(out, [row for r in results for row in r.shard_rows], info)
+    return PrecomputeSummary(str(config.output), sum(r.num_encoded for r in results), manifest.num_samples,
+                             time.perf_counter() - start, len(skipped))
 
-        def add_files(key: str, members: dict[str, bytes]) -> dict[str, bytes]:
-            out: dict[str, bytes] = {}
-            for ext in ("latents.safetensors", "text.safetensors"):
-                path = work / f"{key}.{ext}"
-                if path.is_file():
-                    out[ext] = path.read_bytes()
-            return out
 
-        summary = rewrite_shards(source, None, config.output, add_files=add_files)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return PrecomputeSummary(str(config.output), encoded, summary.num_samples, time.perf_counter() - start)
-
-
-def _encode_on_ray(config: PrecomputeConfig, work: str, address: str | None) -> int:
+def _ray_initialized() -> bool:
     import ray
 
-    with ExitStack() as started:  # shuts down the Ray this call started
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, logging_level="WARNING")
-                started.callback(ray.shutdown)
-            else:
-                started.enter_context(local_ray(num_cpus=max(config.workers, 1), include_dashboard=False,
-                                                logging_level="WARNING"))
-        task = ray.remote(num_cpus=1, num_gpus=config.num_gpus)(encode_part)
-        # the work folder must be storage every task sees (here: local Ray, or a shared file system)
-        return sum(ray.get([task.remote(config, k, config.workers, work) for k in range(config.workers)]))
+    return ray.is_initialized()
 
+
+@contextmanager
+def _ray(config: PrecomputeConfig, address: str | None) -> Iterator[None]:
+    """The cluster at `address`, or a local Ray on loopback, for the duration of one precompute."""
+    import ray
+
+    if not address:
+        with local_ray(num_cpus=max(config.workers, 1), include_dashboard=False, logging_level="WARNING"):
+            yield
+        return
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()

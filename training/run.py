@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"training.run: {e}", file=sys.stderr)
         return 2
+    from shards.loader import CorruptDataError
     from training.loop import Trainer
     from training.weights_only import UnsafeCheckpoint
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeCheckpoint as e:
         print(f"training.run: {e}", file=sys.stderr)
         return 2
+    except CorruptDataError as e:  # the data, not the code: one line saying what to do (the launcher stops the other ranks)
+        print(f"training.run: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -47,6 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "needs ~2.5x clips x dim x 4 bytes)")
     dd.set_defaults(run=run_dedup)
 
+    from shards.bench_manifest import __doc__ as manifest_doc
+
+    mf = which.add_parser("manifest", help="subset query and training plan over a large synthetic manifest, and one "
+                                           "rank's peak memory reading its slice", description=manifest_doc,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    mf.add_argument("--rows", type=int, default=1_000_000, help="manifest rows (default: %(default)s)")
+    mf.add_argument("--rows-per-file", type=int, default=100_000, help="rows per manifest file (default: %(default)s)")
+    mf.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
+    mf.add_argument("--work-dir", default=None, help="folder for the temporary manifest and plan (default: the "
+                                                     "system's; ~0.5 GB per million rows)")
+    mf.set_defaults(run=run_manifest)
+
     from jobs.commands.train import register_bench as register_train_bench
 
     register_train_bench(which)
@@ -97,6 +109,16 @@ def run_curate(args: argparse.Namespace) -> int:
             videos = make_bench_videos(Path(tmp), args.videos, args.seconds, args.height)
         result = run_bench(config, videos, args.workers)
     print("\n".join(result.lines()))
+    return 0
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    from shards.bench_manifest import run_bench
+
+    if args.rows < 1000 or args.rows_per_file < 100:
+        raise SystemExit(f"lvd bench manifest: --rows must be at least 1000 and --rows-per-file at least 100 "
+                         f"(got {args.rows}, {args.rows_per_file})")
+    run_bench(args.rows, args.json, args.work_dir, args.rows_per_file)
     return 0
 
 

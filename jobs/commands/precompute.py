@@ -12,7 +12,8 @@ EPILOG = """settings (--set KEY=VALUE, values are YAML):
   num_frames=14 fps=7      the frames encoded per clip (match the stage recipe's loader)
   resolutions=[[320,576]]  resolution buckets (as the stage's loader)
   text=true                also encode one caption per clip with the text tower
-  workers=8 num_gpus=1     Ray tasks and GPUs per task (workers=0: in this process)
+  workers=8 num_gpus=1     Ray tasks at a time (one per source shard) and GPUs per task (workers=0: in
+                           this process); a re-run skips the shards already finished
 
 example:
   lvd precompute shards/cur1 shards/cur1-latents --model runs/svd/stage1_image --set workers=8 --set num_gpus=1"""

@@ -7,22 +7,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 
 WRITE_EPILOG = """settings (--set KEY=VALUE, values are YAML):
   shard_max_bytes=1GB      target shard size (256MiB, 200KB, 1000000 ...)
   shard_max_samples=N      also close a shard after N samples (default: no limit)
   jpeg_quality=95          first/last frame jpgs
   frame_max_side=N         downscale the frame jpgs to this long side (default: clip resolution)
-  workers=N                processes preparing samples (default 1)
+  workers=N                Ray CPUs: ledger files packed in parallel, one task each (default 1: in this
+                           process; with RAY_ADDRESS set, the tasks run on that cluster)
 
 examples:
   lvd shards write runs/cur1 shards/cur1
   lvd shards write runs/cur1 shards/cur1-all --all-usable --set shard_max_bytes=512MiB --set workers=8
 
 One sample per kept clip: <clip_id>.mp4, .json (every ledger and decision column), .first.jpg, .last.jpg
-(and .emb.safetensors for clips with embeddings), in the ledger's file order, video by video within a file.
-Shards are written under a temporary name and renamed when complete; re-running the same command after
-an interruption resumes and produces the same shards."""
+(and .emb.safetensors for clips with embeddings). Each ledger file is a group packed by one task into
+shard-GGGGGG-NNNNN.tar, video by video within the file. Shards are written under a temporary name and
+renamed when complete; re-running the same command after an interruption resumes shard by shard and
+produces the same shards."""
 
 QUERY_EPILOG = """query syntax (see shards/query.py):
   aesthetic >= 5 and motion_score between 0.01 and 0.3 and text_area < 0.07
@@ -36,6 +39,14 @@ examples:
   lvd shards query shards/cur1 "keep and motion_score > 0.02" --compact shards/stage3"""
 
 
+PLAN_EPILOG = """examples:
+  lvd shards plan shards/cur1 plans/stage2 --epochs 4 --set "query=keep and aesthetic >= pct(aesthetic, 20)" \\
+      --set batch_size=8 --set num_frames=[14] --set "resolutions=[[320, 576], [576, 320]]"
+
+A rank reads its batches with shards.plan_file.RankSlice(PLAN, rank, world_size): one row group of an epoch
+file at a time, keeping only its own batches, so its memory does not grow with the dataset."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="write, verify, inspect and query WebDataset shards",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     w = which.add_parser("write", help="pack a curation run's clips into WebDataset shards with a manifest",
                          description="Packs the clips of a curation run (its ledger and clip files) into tar shards "
-                                     "of about shard_max_bytes each and writes manifest.parquet (sample -> shard, "
+                                     "of about shard_max_bytes each, one Ray task per ledger file, and writes the "
+                                     "manifest/ dataset (one parquet file per shard: sample -> shard, "
                                      "byte range, checksum, every score).",
                          epilog=WRITE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     w.add_argument("run_dir", help="curation output folder (holds ledger/, decisions/ and clips/ of a decided "
@@ -57,12 +69,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--no-progress", action="store_true", help="no progress line")
     w.set_defaults(run=run_write)
 
-    v = which.add_parser("verify", help="check every shard against the manifest's sizes and checksums",
+    v = which.add_parser("verify", help="check every shard against the manifest's sizes, checksums and names",
                          description="Reads every shard and compares its size and sha256 with the manifest; a "
                                      "damaged shard is then checked sample by sample to name the damaged samples. "
-                                     "Exit status 1 when anything is damaged or missing.")
-    v.add_argument("shards", help="shard folder or fsspec URL (holds manifest.parquet)")
-    v.add_argument("--quick", action="store_true", help="compare sizes only (finds truncation, not flipped bytes)")
+                                     "Checks every key, shard and tar member name with the writer's rule (no '/', "
+                                     "no '..', no absolute paths, no control characters, regular files only). "
+                                     "Exit status 1 when anything is damaged, missing or refused.")
+    v.add_argument("shards", help="shard folder or fsspec URL (holds manifest/ and shards.parquet)")
+    v.add_argument("--quick", action="store_true", help="compare sizes only (finds truncation, not flipped bytes; "
+                                                        "names from the manifest only, not the tar headers)")
     v.add_argument("--workers", type=int, default=4, help="shards hashed in parallel (default 4)")
     v.set_defaults(run=run_verify)
 
@@ -89,6 +104,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--show", type=int, default=5, help="print this many selected keys (default 5)")
     q.set_defaults(run=run_query)
 
+    pl = which.add_parser("plan", help="write a training stage's plan once: subset, buckets, per-epoch batch order",
+                          description="Builds the loader's plan (subset, buckets, batches of each epoch) once and "
+                                      "writes it as parquet; each training rank then reads only its own batches. "
+                                      "Settings are the loader's (data.shards of a training recipe).",
+                          epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("shards", help="shard folder or fsspec URL")
+    pl.add_argument("out", help="folder to write the plan into (plan.json, subset.parquet, epoch-*.parquet)")
+    pl.add_argument("--epochs", type=int, default=1, help="epochs to plan (default 1)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="loader setting, e.g. --set query='aesthetic >= 5' --set batch_size=8 (repeatable)")
+    pl.set_defaults(run=run_plan)
+
 
 def _fail(args: argparse.Namespace, e: Exception) -> int:
     print(f"lvd shards {args.shards_command}: {e}", file=sys.stderr)
@@ -105,6 +132,31 @@ def _writer_config(overrides: list[str], all_usable: bool = False):
     return validate(ShardWriteConfig, tree, source="shard settings")
 
 
+@contextmanager
+def _ray_for(workers: int):
+    """One write task per ledger file: on the Ray cluster at RAY_ADDRESS when set, else on a local Ray with
+    `workers` CPUs (workers=1: in this process, no Ray)."""
+    import os
+
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized() or (workers <= 1 and not address):
+        yield
+        return
+    if not address:
+        from common.local_ray import local_ray
+
+        with local_ray(num_cpus=workers, include_dashboard=False, logging_level="WARNING"):
+            yield
+        return
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def run_write(args: argparse.Namespace) -> int:
     from shards.writer import write_shards
 
@@ -114,7 +166,8 @@ def run_write(args: argparse.Namespace) -> int:
         def progress(done: int, total: int) -> None:
             print(f"\r{done}/{total} clips", end="" if done < total else "\n", file=sys.stderr, flush=True)
     try:
-        summary = write_shards(args.run_dir, args.out_dir, config, progress)
+        with _ray_for(config.workers):
+            summary = write_shards(args.run_dir, args.out_dir, config, progress)
     except (ValueError, FileNotFoundError) as e:
         return _fail(args, e)
     print("\n".join(summary.lines()))
@@ -146,6 +199,8 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+
     from shards.manifest import Manifest, save_subset
     from shards.writer import rewrite_shards
 
@@ -155,10 +210,10 @@ def run_query(args: argparse.Namespace) -> int:
         rows = manifest.select(args.query)
     except (ValueError, FileNotFoundError) as e:
         return _fail(args, e)
-    n = len(manifest.samples)
-    size = manifest.samples["size_bytes"].iloc[rows].sum()
+    n = manifest.num_samples
+    size = pc.sum(manifest.take(rows, ["size_bytes"]).column("size_bytes")).as_py() or 0
     print(f"{len(rows)} of {n} samples ({len(rows) / max(n, 1):.1%}), {size / 1e9:.3f} GB")
-    keys = manifest.samples["key"].iloc[rows[: args.show]].tolist()
+    keys = manifest.take(rows[: args.show], ["key"]).column("key").to_pylist()
     if keys:
         print("  " + ", ".join(keys) + (", ..." if len(rows) > len(keys) else ""))
     if args.out:
@@ -172,4 +227,19 @@ def run_query(args: argparse.Namespace) -> int:
         except (ValueError, FileNotFoundError) as e:
             return _fail(args, e)
         print("\n".join(summary.lines()))
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from common.config import apply_overrides, validate
+    from shards.config import LoaderConfig
+    from shards.manifest import Manifest
+    from shards.plan_file import write_plan
+
+    try:
+        config = validate(LoaderConfig, apply_overrides({"shards": args.shards}, args.overrides), source="loader settings")
+        summary = write_plan(Manifest.load(args.shards), config, args.out, args.epochs)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(args, e)
+    print("\n".join(summary.lines()))
     return 0

@@ -56,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
         if args.nproc != 1 or args.nnodes != 1:
             print("lvd train: --launcher local runs one process; use torchrun, deepspeed or ray for more", file=sys.stderr)
             return 2
-        launch.run_local(config)
+        from shards.loader import CorruptDataError
+
+        try:
+            launch.run_local(config)
+        except CorruptDataError as e:
+            print(f"lvd train: {e}", file=sys.stderr)
+            return 1
         return 0
     if launcher == "torchrun":
         rdzv = launch.Rendezvous(args.nnodes, args.node_rank, args.master_addr, args.master_port)

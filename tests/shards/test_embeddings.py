@@ -16,7 +16,7 @@ from curation.ledger import Ledger
 from jobs.cli import main
 from shards.config import ShardWriteConfig
 from shards.loader import ShardLoader
-from shards.manifest import Manifest
+from shards.manifest import Manifest, part_name
 from shards.reader import SampleReader
 from shards.source import EMBEDDING_FILE, embedding_array
 from shards.testing import fake_run
@@ -274,12 +274,20 @@ def test_compaction_and_precompute_keep_the_member(emb_shards, ledger_embeddings
     assert sorted(keys) == sorted(lat.samples["key"]) and len(keys) == len(rows)
 
 
-def test_read_embeddings_on_shards_without_them_or_with_mixed_shapes_says_what_to_do(shards_dir, emb_shards):
+def test_read_embeddings_on_shards_without_them_or_with_mixed_shapes_says_what_to_do(shards_dir, emb_shards, tmp_path):
     with pytest.raises(ValueError, match="no sample of the subset.*set read_embeddings=false"):
         ShardLoader(loader_config(shards_dir, read_embeddings=True))
     ShardLoader(loader_config(shards_dir, read_embeddings=True, output="raw"))  # raw reads every member anyway
-    manifest = Manifest.load(str(emb_shards))
-    row = manifest.samples["clip_embedding_shape"].first_valid_index()
-    manifest.samples.at[row, "clip_embedding_shape"] = np.array([3, 512])
+    mixed = tmp_path / "mixed"
+    shutil.copytree(emb_shards, mixed)
+    samples = Manifest.load(str(mixed)).samples
+    row = samples["clip_embedding_shape"].first_valid_index()
+    part = mixed / part_name(samples.at[row, "shard"])  # one sample's shape as another CLIP model's
+    table = pq.read_table(part)
+    local = table.column("key").to_pylist().index(samples.at[row, "key"])
+    shapes = table.column("clip_embedding_shape").to_pylist()
+    shapes[local] = [3, 512]
+    pq.write_table(table.set_column(table.schema.get_field_index("clip_embedding_shape"), "clip_embedding_shape",
+                                    pa.array(shapes, pa.list_(pa.int64()))), part)
     with pytest.raises(ValueError, match=r"shapes \[\(3, 512\), \(3, 768\)\].*one model"):
-        ShardLoader(loader_config(emb_shards, read_embeddings=True), manifest=manifest)
+        ShardLoader(loader_config(mixed, read_embeddings=True))

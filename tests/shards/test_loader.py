@@ -193,35 +193,78 @@ def _damage_mp4(shards, key, how):
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_samples_are_skipped_counted_and_batches_keep_their_shape(shards_copy, caplog):
+def _truncate(shards, shard, cut):
+    path = shards / shard
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - cut)
+    return path.stat().st_size
+
+
+def test_corrupt_samples_are_skipped_counted_and_never_replaced_by_copies(shards_copy, caplog):
     manifest = Manifest.load(str(shards_copy))
     keys = manifest.samples["key"].tolist()
     _damage_mp4(shards_copy, keys[1], "flip")
     _damage_mp4(shards_copy, keys[6], "zero")
-    last = sorted(shards_copy.glob("shard-*.tar"))[-1]
-    with open(last, "r+b") as f:  # cut into the last sample's data, past the end-of-archive blocks
-        f.truncate(last.stat().st_size - 2000)
+    _truncate(shards_copy, manifest.samples["shard"].iloc[-1], 2000)  # into the last sample's data
     truncated = keys[-1]
     caplog.set_level(logging.WARNING, logger="lvd.shards")
 
     def read(**kw):
-        loader = ShardLoader(loader_config(shards_copy, epochs=1, remainder="uneven", **kw))
+        loader = ShardLoader(loader_config(shards_copy, epochs=1, remainder="uneven", max_corrupt_fraction=0.05, **kw))
         batches = list(loader)
         return loader, batches, [k for b in batches for k in b["key"]]
 
-    # without checksums: what does not decode (or read) is skipped; a flipped byte decodes
+    # by default each member's crc32 is checked: the flipped byte, which still decodes, is caught
     loader, batches, got = read()
-    assert keys[6] not in got and truncated not in got and loader.num_corrupt == 2
-    # with checksums the flipped byte is caught too
-    loader, batches, got = read(verify_samples=True)
-    assert not {keys[1], keys[6], truncated} & set(got)
-    assert loader.num_corrupt == 3 == sum(b["num_corrupt"] for b in batches)
-    assert len(got) == 12, "each bad sample was replaced by a good one of its batch"
-    assert all(b["frames_BTCHW"].shape[0] == len(b["key"]) for b in batches)
-    assert sum("skipping corrupt sample" in r.message for r in caplog.records) == 2 + 3
-    # batches of one: a bad sample's batch takes the next good sample of its bucket; the count stays
-    ones = list(ShardLoader(loader_config(shards_copy, epochs=1, batch_size=1, verify_samples=True)))
+    assert sorted(got) == sorted(set(keys) - {keys[1], keys[6], truncated}), "each good sample once, no copies"
+    assert loader.num_corrupt == 3 == sum(b["num_corrupt"] for b in batches) and loader.num_repeated == 0
+    assert loader.num_read == 12 == sum(b["num_read"] for b in batches)
+    assert all(b["frames_BTCHW"].shape[0] == len(b["key"]) == b["num_read"] - b["num_corrupt"] for b in batches)
+    assert sum("skipping corrupt sample" in r.message for r in caplog.records) == 3
+    # without checksums the flipped byte goes to training
+    loader, _, got = read(verify_samples=False)
+    assert keys[1] in got and loader.num_corrupt == 2
+    # batches of one: a bad sample's batch takes the next good sample of its bucket, and says so
+    caplog.clear()
+    loader = ShardLoader(loader_config(shards_copy, epochs=1, batch_size=1, max_corrupt_fraction=0.05))
+    ones = list(loader)
     assert len(ones) == 12 and not {keys[1], keys[6], truncated} & {b["key"][0] for b in ones}
+    assert loader.num_corrupt == loader.num_repeated == 3 == sum(b["num_repeated"] for b in ones)
+    assert sum("take their place (read twice this epoch)" in r.message for r in caplog.records) == 3
+
+
+def test_a_truncated_shard_never_fills_batches_with_copies(shards_copy):
+    """Half a shard cut off, read in order (its samples side by side in batches): what is cut is counted, the
+    batches shrink, no sample comes twice."""
+    manifest = Manifest.load(str(shards_copy))
+    s = manifest.samples
+    shard = manifest.shards["shard"].iloc[1]
+    rows = s[s["shard"] == shard]
+    size = _truncate(shards_copy, shard, int(manifest.shards["size_bytes"].iloc[1]) // 2)
+    lost = set(rows.loc[rows["offset"] + rows["size_bytes"] > size, "key"])
+    assert 0 < len(lost) < len(rows)
+    for output in ("raw", "tensors"):
+        loader = ShardLoader(loader_config(shards_copy, epochs=1, remainder="uneven", shuffle=False, batch_size=4,
+                                           max_corrupt_fraction=1.0, output=output))
+        got = [k for b in loader for k in b["key"]]
+        assert sorted(got) == sorted(set(s["key"]) - lost), output
+        assert loader.num_corrupt == len(lost) and loader.num_repeated == 0
+
+
+def test_too_many_corrupt_samples_stop_the_run_loudly(shards_copy):
+    from shards.loader import CorruptDataError
+
+    manifest = Manifest.load(str(shards_copy))
+    for key in manifest.samples["key"].iloc[[0, 5]]:
+        _damage_mp4(shards_copy, key, "flip")
+    config = loader_config(shards_copy, epochs=1, shuffle=False)
+    # 2 bad samples: more than 1% of (at least) 100
+    with pytest.raises(CorruptDataError, match=r"2 of the \d+ samples read were corrupt .* max_corrupt_fraction "
+                                               r"\(0.01\).*lvd shards verify"):
+        list(ShardLoader(config))
+    # with room for them, the epoch completes
+    loader = ShardLoader(config.model_copy(update={"max_corrupt_fraction": 0.02}))
+    assert len([k for b in loader for k in b["key"]]) == 10 and loader.num_corrupt == 2
 
 
 def test_object_storage_urls_read_the_same_batches(shards_dir):
@@ -229,9 +272,9 @@ def test_object_storage_urls_read_the_same_batches(shards_dir):
     import fsspec
 
     fs = fsspec.filesystem("memory")
-    for path in shards_dir.iterdir():
+    for path in shards_dir.rglob("*"):
         if path.is_file():
-            fs.pipe(f"/lvd-test-shards/{path.name}", path.read_bytes())
+            fs.pipe(f"/lvd-test-shards/{path.relative_to(shards_dir)}", path.read_bytes())
     local = list(ShardLoader(loader_config(shards_dir, epochs=1, remainder="uneven")))
     remote = list(ShardLoader(loader_config("memory://lvd-test-shards", epochs=1, remainder="uneven")))
     assert len(local) == len(remote)
@@ -251,3 +294,5 @@ def test_configs_name_the_bad_value_and_the_fix():
         LoaderConfig(shards="x", image_ratio=1.5)
     with pytest.raises(ValueError, match="either query or subset"):
         LoaderConfig(shards="x", query="keep", subset="s.parquet")
+    with pytest.raises(ValueError, match=r"max_corrupt_fraction \(2.0\) is a fraction of the samples read"):
+        LoaderConfig(shards="x", max_corrupt_fraction=2.0)

@@ -8,6 +8,7 @@ import pytest
 
 from shards.config import LoaderConfig
 from shards.manifest import Manifest
+from shards.testing import manifest_of
 from shards.plan import IMAGE, LATENTS, VIDEO, Bucket, SubsetPlanner
 
 
@@ -20,7 +21,7 @@ def _manifest(durations, sizes, latents=None) -> Manifest:
         "latents_shape": latents if latents is not None else [None] * n,
         "motion_score": np.linspace(0, 1, n),
     })
-    return Manifest("unused", samples, pd.DataFrame(), {"selection": "keep"})
+    return manifest_of(samples)
 
 
 def _config(**kw) -> LoaderConfig:

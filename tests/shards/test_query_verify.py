@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from jobs.cli import main
@@ -119,3 +120,29 @@ def test_stats_prints_counts_and_score_distributions(shards_dir, capsys):
     values = manifest.samples.loc[manifest.samples["motion_score"] < 0.3, "motion_score"]
     assert int(line.split()[1]) == n
     assert float(line.split()[6]) == pytest.approx(values.max(), rel=1e-3)
+
+
+@pytest.mark.parametrize("query, message", [
+    ("read_csv('/etc/passwd')", "unknown column 'read_csv'"),               # no functions but pct/percentile
+    ("aesthetic > (select 1)", "expected a column, number or string"),      # no subqueries
+    ("aesthetic > 1 union select 1", "join conditions with and / or"),
+    ("video_id == 'a' or 1=1 --'", "cannot read the query"),
+    ("aesthetic > 1e999", "out of range"),
+    ("captions == 'x'", "holds lists or records"),
+])
+def test_queries_compile_to_sql_without_a_way_out(query, message):
+    table = pa.table({"aesthetic": [1.0, 5.0], "video_id": ["a", "b"],
+                      "captions": pa.array([[], []], pa.list_(pa.string()))})
+    with pytest.raises(QueryError, match=message):
+        evaluate(query, table)
+
+
+def test_quotes_nan_and_missing_values_behave_as_in_the_grammar():
+    table = pa.table({"video_id": ["it's", 'say "hi"', None], "score": pa.array([1.0, float("nan"), None])})
+    assert evaluate('''video_id == "it's"''', table).tolist() == [True, False, False]
+    assert evaluate("""video_id == 'say "hi"'""", table).tolist() == [False, True, False]
+    assert evaluate("video_id != 'x'", table).tolist() == [True, True, False]   # missing fails != too
+    assert evaluate("score >= 0 or score < 0", table).tolist() == [True, False, False]  # NaN is missing
+    assert evaluate("score is null", table).tolist() == [False, True, True]
+    assert evaluate("score not between 5 and 9", table).tolist() == [True, False, False]
+    assert evaluate("score >= pct(score, 0)", table).tolist() == [True, False, False]

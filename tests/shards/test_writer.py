@@ -120,37 +120,45 @@ def test_missing_clip_file_is_skipped_with_a_reason(tmp_path):
     assert info["skipped"][0]["reason"].startswith("clip_file")
 
 
-def test_writer_streams_the_ledger_file_by_file_and_reads_heavy_columns_once(fake_run_dir, tmp_path, monkeypatch):
-    """The first pass reads ids only; the second reads a file's every column once the previous file's clips are
-    all packed (so memory is one file's clips), and samples go in the ledger's file order."""
+def test_each_ledger_file_is_one_group_read_once_and_packed_in_file_order(fake_run_dir, tmp_path, monkeypatch):
+    """One task per ledger file: the file is read once, its clips go into that group's shards video by video,
+    and the driver reads no clip rows at all."""
     from curation import ledger as ledger_module
-    from shards import source, writer
+    from shards import source
 
-    reads, added = [], [0]
-    real_read, real_add = ledger_module.read_clip_file, writer.ShardWriter.add
+    reads = []
+    real_read = ledger_module.read_clip_file
 
     def spy_read(path, decisions_path, columns=None, kept_only=False):
-        reads.append((path, columns, added[0]))
+        reads.append(path)
         return real_read(path, decisions_path, columns, kept_only)
 
-    def spy_add(self, sample):
-        real_add(self, sample)
-        added[0] += 1
-
     monkeypatch.setattr(source, "read_clip_file", spy_read)
-    monkeypatch.setattr(writer.ShardWriter, "add", spy_add)
     write_shards(fake_run_dir, tmp_path / "out", ShardWriteConfig(shard_max_bytes=SHARD_BYTES))
 
     files = Ledger(fake_run_dir).clip_files()
     assert len(files) > 2, "the fake run spreads over several buckets"
-    light = [r for r in reads if r[1] is not None]
-    heavy = [r for r in reads if r[1] is None]
-    assert [r[0] for r in light] == files and all(set(r[1]) <= {"clip_id", "status"} for r in light)
-    assert [r[0] for r in heavy] == files, "every column of each file is read exactly once"
+    assert reads == files, "every ledger file is read exactly once, by its group's task"
     kept = [real_read(f, Ledger(fake_run_dir).decision_file(f), ["clip_id"], True).column("clip_id").to_pylist()
             for f in files]
-    assert [r[2] for r in heavy] == np.cumsum([0, *map(len, kept[:-1])]).tolist()
-    assert Manifest.load(str(tmp_path / "out")).samples["key"].tolist() == [k for ids in kept for k in sorted(ids)]
+    samples = Manifest.load(str(tmp_path / "out")).samples
+    assert samples["key"].tolist() == [k for ids in kept for k in sorted(ids)]
+    group_of = {k: g for g, ids in enumerate(kept) for k in ids}
+    assert [int(s.split("-")[1]) for s in samples["shard"]] == [group_of[k] for k in samples["key"]]
+
+
+def test_ray_tasks_write_the_same_shards_as_one_process(fake_run_dir, shards_dir, tmp_path):
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        summary = write_shards(fake_run_dir, tmp_path / "ray", ShardWriteConfig(shard_max_bytes=SHARD_BYTES))
+    finally:
+        ray.shutdown()
+    assert summary.num_written_now == summary.num_samples == 12
+    got, want = Manifest.load(str(tmp_path / "ray")), Manifest.load(str(shards_dir))
+    assert got.shards.to_dict("records") == want.shards.to_dict("records")
+    assert got.table.drop(["members"]).equals(want.table.drop(["members"]))
 
 
 def test_a_run_without_ledger_or_decisions_names_the_command_to_run(tmp_path):
@@ -207,7 +215,7 @@ else:
     replace = os.replace
     def dying_replace(src, dst):
         replace(src, dst)
-        if str(dst).endswith("shard-000001.tar"):
+        if str(dst).endswith("shard-000000-00001.tar"):
             os.kill(os.getpid(), signal.SIGKILL)
     os.replace = dying_replace
 writer.write_shards(run, out, ShardWriteConfig(shard_max_bytes=%r))
@@ -230,7 +238,7 @@ def test_killed_writer_leaves_no_partial_shard_and_rerun_completes(mode, fake_ru
         assert len(names) % 4 == 0 and tar.stat().st_size % 512 == 0
     if mode == "mid_shard":
         assert list(out.glob(".shard-*.tar.tmp")), "the half shard is under its temporary name"
-    assert not (out / "manifest.parquet").exists()
+    assert not (out / "info.json").exists()
     with pytest.raises(FileNotFoundError, match="interrupted"):
         Manifest.load(str(out))
 
