@@ -15,7 +15,8 @@ HLS_PLAYLIST = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nother.ts\n#EXT-X
 
 
 def _clip_row(clip_id: str) -> dict:
-    return {"status": "ok", "clip_id": clip_id, "start_s": 0.5, "duration_s": 1.0, "num_frames": 12}
+    return {"status": "ok", "clip_id": clip_id, "start_s": 0.5, "end_s": 1.5, "duration_s": 1.0, "num_frames": 12,
+            "start_frame": 6, "end_frame": 18, "fps": 12.0}
 
 
 @pytest.mark.parametrize("mode", ["copy", "reencode"])
