@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, resolve
+from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, missing_message, resolve
 from curation.config import CurationConfig
 from curation.decisions import decide
 from curation.inputs import Item, list_task
@@ -58,19 +58,18 @@ def model_checkpoints(config: CurationConfig) -> list[CheckpointSpec]:
     return specs
 
 
-def check_models(config: CurationConfig) -> dict[str, Path]:
+def check_models(config: CurationConfig, recipe: str = "the recipe") -> dict[str, Path]:
     """Resolves every checkpoint before any video is decoded; raises one MissingCheckpoint naming all that
-    are missing. Returns role -> local path."""
+    are missing (`recipe`: the path its fix names). Returns role -> local path."""
     found: dict[str, Path] = {}
-    problems: list[str] = []
+    problems: list[MissingCheckpoint] = []
     for spec in model_checkpoints(config):
         try:
             found[spec.role] = resolve(spec)
         except MissingCheckpoint as e:
-            problems.append(str(e))
+            problems.append(e)
     if problems:
-        raise MissingCheckpoint("the recipe names model weights this machine does not have (nothing was decoded):\n  - "
-                                + "\n  - ".join(problems))
+        raise MissingCheckpoint(missing_message(problems, recipe))
     return found
 
 
@@ -88,12 +87,13 @@ def _write_models_used(run_dir: Path, config: CurationConfig, found: dict[str, P
 
 
 def run_curation(config: CurationConfig, address: str | None = None, progress: bool = True, verbose: bool = False,
-                 decoder: type | None = None) -> Summary:
+                 decoder: type | None = None, found: dict[str, Path] | None = None) -> Summary:
     """Lists the inputs, curates the videos not yet in the ledger, and decides the whole run.
-    `decoder` replaces the decode actor (benchmarks fabricate rows with it)."""
+    `decoder` replaces the decode actor (benchmarks fabricate rows with it); `found` is check_models' result
+    when the caller checked the weights already."""
     if not config.inputs:
         raise ValueError("no inputs: set inputs in the recipe or pass --set inputs=[path/to/videos]")
-    found = check_models(config)
+    found = check_models(config) if found is None else found
     stand_ins = random_stand_ins(found)
     _write_models_used(Path(config.output), config, found)
     if stand_ins:

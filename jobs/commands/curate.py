@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from common.runinfo import write_run_info
     from curation.config import CurationConfig
     from curation.ledger import Ledger
-    from curation.pipeline import finalize, print_funnel, ray_session, run_curation
+    from curation.pipeline import check_models, finalize, print_funnel, ray_session, run_curation
 
     config = load_recipe(CurationConfig, args.recipe, args.overrides)
     if args.rethreshold:
@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
             summary = finalize(config, ledger)
         summary.num_done_before = summary.funnel[0]["count"]
     else:
+        found = check_models(config, args.recipe)  # before anything is written: a run that cannot start leaves no folder
         write_run_info(config.output, config, "curate", {"address": args.address})
-        summary = run_curation(config, address=args.address, progress=not args.no_progress, verbose=args.verbose)
+        summary = run_curation(config, address=args.address, progress=not args.no_progress, verbose=args.verbose,
+                               found=found)
     print_funnel(summary)
     return 0
