@@ -119,8 +119,8 @@ def missing_message(problems: list[MissingCheckpoint], recipe: str, command: str
     width = max(len(p.spec.role) if p.spec else 0 for p in problems)
     hub = [p for p in problems if p.spec is not None and is_hf(p.spec.source)]
     cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-    lines = [f"{recipe}: {len(problems)} model checkpoint{'s' if len(problems) != 1 else ''} missing on this "
-             "machine, nothing was started."]
+    lines = [f"{recipe}: {len(problems)} model checkpoint{'s' if len(problems) != 1 else ''} missing here; "
+             "nothing was started."]
     if hub:
         lines.append(f"Not in the Hugging Face cache ({cache}):")
         lines += [f"  {p.spec.role:<{width}}  {KNOWN_SIZES.get(p.spec.source, '?'):>7}  {p.spec.source}" for p in hub]

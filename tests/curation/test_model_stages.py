@@ -107,7 +107,7 @@ def test_missing_checkpoints_stop_the_run_before_any_decode(tmp_path, videos, ti
     with pytest.raises(MissingCheckpoint) as err:
         pipeline.run_curation(config, progress=False)
     msg = str(err.value)
-    assert "missing on this machine, nothing was started" in msg
+    assert "missing here; nothing was started" in msg
     lines = msg.splitlines()
     assert [ln.split() for ln in lines if "clip.checkpoint" in ln] == [["clip.checkpoint", f"{tmp_path / 'no_such_clip'}",
                                                                         "not", "found"]]
