@@ -339,11 +339,12 @@ def _check_gpus(config: CurationConfig, cluster_gpus: float, autoscaling_possibl
 def print_funnel(summary: Summary, file=None) -> None:
     file = file or sys.stdout
     width = max(len(s["step"]) for s in summary.funnel)
-    print(f"\nfunnel ({summary.run_dir}; {summary.num_processed} videos processed by this run, "
+    print(f"\nfunnel ({summary.run_dir}; {summary.num_processed} videos processed, "
           f"{summary.num_done_before} already in the ledger):", file=file)
     for s in summary.funnel:
-        path = f"  ({s['path']})" if s.get("path") else ""  # which near-duplicate search ran
-        print(f"  {s['step']:<{width}}  {s['count']:>7}{path}", file=file)
+        # which near-duplicate search ran, or why a step did nothing
+        note = f"  ({s['off']})" if s.get("off") else f"  ({s['path']})" if s.get("path") else ""
+        print(f"  {s['step']:<{width}}  {s['count']:>7}{note}", file=file)
     if summary.num_ignored:
         print(f"{summary.num_ignored} other files in the input folders were ignored (not a video extension; see "
               "`extensions` in the recipe)", file=file)
