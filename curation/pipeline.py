@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, missing_message, resolve
+from common.verbosity import native_logs_to
 from curation.config import CurationConfig
 from curation.decisions import decide
 from curation.inputs import Item, list_task
@@ -133,6 +134,7 @@ class ray_session:
         self.started = False
         self.handler: logging.Handler | None = None
         self.saved: list[tuple[logging.Handler, int]] = []
+        self.native: Any = None
 
     def __enter__(self) -> bool:
         import ray
@@ -150,6 +152,9 @@ class ray_session:
                         self.saved.append((h, h.level))
                         h.setLevel(logging.ERROR)
                 logger.addHandler(self.handler)
+        if not self.verbose:  # Ray's C++ core writes to stderr directly, past Python's logging
+            self.native = native_logs_to(self.run_dir / "logs" / "ray.log")
+            self.native.__enter__()
         if not ray.is_initialized():
             level = logging.INFO if self.verbose else logging.WARNING
             if self.address:
@@ -169,6 +174,8 @@ class ray_session:
 
         if self.started:
             ray.shutdown()
+        if self.native is not None:
+            self.native.__exit__(*exc)
         if self.handler is not None:
             for h, level in self.saved:
                 h.setLevel(level)

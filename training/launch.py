@@ -103,6 +103,9 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from common.verbosity import apply
+
+    apply()
     config = TrainConfig.model_validate(loop_config["config"])
     _restore_ray_checkpoint(config)
     rank = dist.get_rank()

@@ -27,8 +27,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and dedup settings (decodes nothing; rewrites decisions/ only, keeps the run's "
                         "config.yaml and inputs, prints what changed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show Ray's own log lines (by default they go to OUTPUT/logs/ray.log)")
     p.set_defaults(run=run)
 
 
