@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -79,6 +80,7 @@ class StageSummary:
     checkpoint: str | None
     resumed_from: str | None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    tensorboard: str | None = None  # the TensorBoard log folder, when one was written
 
     def lines(self) -> list[str]:
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
@@ -86,7 +88,8 @@ class StageSummary:
                 f"{format_duration(self.seconds)}, {int(self.samples)} samples ({self.samples_per_s:.1f}/s), data wait "
                 f"{self.data_wait_fraction:.1%}, final loss {loss}, {self.trainable_parameters / 1e6:.2f}M trained "
                 f"parameters" + (f", resumed from {self.resumed_from}" if self.resumed_from else ""),
-                f"  model: {self.export}   checkpoint: {self.checkpoint}"]
+                f"  model: {self.export}   checkpoint: {self.checkpoint}"] + \
+            ([f"  curves and sample videos: tensorboard --logdir {self.tensorboard}"] if self.tensorboard else [])
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -148,6 +151,10 @@ class MetricsLogger:
             self.writer.add_video(tag, frames_TCHW_uint8[None], step, fps=max(1, int(fps)))
         else:
             self.writer.add_images(tag, frames_TCHW_uint8, step)
+
+    def add_image(self, tag: str, image_HWC_uint8: np.ndarray, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image_HWC_uint8, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -33,7 +33,7 @@ def _eval_loss(model, config: TrainConfig) -> float:
     return sum(losses) / len(losses)
 
 
-def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path):
+def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path, capsys):
     from jobs.cli import main as lvd
     from training.export import load_pretrained
     from training.loop import Trainer, load_initial_model
@@ -59,6 +59,17 @@ def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path):
     assert sorted(p.name for p in (out / "samples").glob("*.mp4")) == ["step_00000020.mp4", "step_00000040.mp4"]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000040"]  # keep_last: 1
     assert (out / "config.yaml").is_file() and (out / "run.json").is_file()
+    printed = capsys.readouterr().out
+    assert f"checkpoint {out / 'checkpoints' / 'step_00000020'} removed (checkpoint.keep_last: 1)" in printed
+    assert f"  curves and sample videos: tensorboard --logdir {out / 'tensorboard'}" in printed.splitlines()
+    # the sample videos and their contact sheets are TensorBoard media, next to the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("samples/contact_sheet")] == [20, 40]
+    assert "samples" in events.Tags()["images"] and "train/loss" in events.Tags()["scalars"]
+    assert sorted(p.name for p in (out / "samples").glob("*_sheet.png")) == ["step_00000020_sheet.png",
+                                                                             "step_00000040_sheet.png"]
 
     assert lvd(["sample", "--model", str(out), "--prompt", "a red square", "--steps", "3",
                 "--out", str(tmp_path / "s.mp4")]) == 0
