@@ -23,6 +23,16 @@ NATIVE_LINE = re.compile(rb"(?:\x1b\[[0-9;]*m)?\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,
                          rb"[\w./-]+\.(?:cc|h):\d+:[^\n]*\n?(?:\x1b\[[0-9;]*m)?")
 
 
+ANSI = re.compile(rb"\x1b\[[0-9;]*m")
+
+
+class PlainFormatter(logging.Formatter):
+    """A log file's formatter: Ray colours names in messages (ray::MapBatches in tracebacks); a file gets none."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return ANSI.sub(b"", super().format(record).encode()).decode()
+
+
 def set_level(verbose: bool = False, quiet: bool = False) -> str:
     """Sets this process's level (and its children's) from the -v/-q flags and applies it."""
     level = VERBOSE if verbose else QUIET if quiet else NORMAL
@@ -74,6 +84,7 @@ def native_logs_to(log_path: Path) -> Iterator[None]:
         with open(log_path, "ab") as log, os.fdopen(read_fd, "rb", buffering=0) as pipe:
             while chunk := pipe.read(65536):
                 for line in NATIVE_LINE.findall(chunk):
+                    line = ANSI.sub(b"", line)  # the log is read with less or grep, not a colour terminal
                     log.write(line if line.endswith(b"\n") else line + b"\n")
                     log.flush()
                 rest = NATIVE_LINE.sub(b"", chunk)

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, missing_message, resolve
-from common.verbosity import native_logs_to
+from common.verbosity import PlainFormatter, native_logs_to
 from curation.config import CurationConfig
 from curation.decisions import decide
 from curation.inputs import Item, list_task
@@ -144,7 +144,7 @@ class ray_session:
 
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             self.handler = logging.FileHandler(self.run_dir / "logs" / "ray.log")
-            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self.handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             for name in ("ray", "ray.data"):
                 logger = logging.getLogger(name)
                 for h in logger.handlers:

@@ -1,0 +1,31 @@
+"""-v/-q: what reaches the console, and where the rest goes."""
+
+from __future__ import annotations
+
+import os
+
+from common import verbosity
+
+NATIVE = (b"\x1b[31m[2026-12-04 16:01:49,225 E 20384 20384] core_worker.cc:2465: Actor with class name: "
+          b"'MapWorker' has constructor arguments in the object store\n\x1b[0m")
+
+
+def test_native_ray_lines_go_to_the_log_and_the_rest_to_the_console(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv(verbosity.ENV, verbosity.NORMAL)
+    log = tmp_path / "logs" / "ray.log"
+    with verbosity.native_logs_to(log):
+        os.write(2, b"\rcurate:  50%|#####     | 1/2 [00:08<00:08]")
+        os.write(2, NATIVE)
+        os.write(2, b"\rcurate: 100%|##########| 2/2 [00:09<00:00]\n")
+    err = capfd.readouterr().err
+    assert err == "\rcurate:  50%|#####     | 1/2 [00:08<00:08]\rcurate: 100%|##########| 2/2 [00:09<00:00]\n"
+    assert log.read_bytes() == (b"[2026-12-04 16:01:49,225 E 20384 20384] core_worker.cc:2465: Actor with class "
+                                b"name: 'MapWorker' has constructor arguments in the object store\n")
+
+
+def test_verbose_leaves_stderr_alone(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv(verbosity.ENV, verbosity.VERBOSE)
+    with verbosity.native_logs_to(tmp_path / "ray.log"):
+        os.write(2, NATIVE)
+    assert "core_worker.cc:2465" in capfd.readouterr().err
+    assert not (tmp_path / "ray.log").exists()
