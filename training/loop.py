@@ -121,7 +121,8 @@ class Trainer:
         batches = self.batches or make_batch_source(c.data, ctx.rank, ctx.world_size, model.config.latent_channels,
                                                     model.config.vae.downsample)
         start_step, samples_seen = 0, 0
-        log = MetricsLogger(self.out, c.steps, c.logging.tensorboard, ctx.rank)
+        log = MetricsLogger(self.out, c.steps, c.logging.report_to, ctx.rank, run_name=c.name,
+                            config=c.model_dump(mode="json"), project=c.logging.project)
         if tag is not None:
             state = store.load(engine, tag, universal_tag)
             apply_schedule(scheduler, c)
@@ -221,7 +222,7 @@ class Trainer:
             data_wait_fraction=self._mean_over_ranks(total_wait / max(seconds, 1e-9)), final_loss=last_loss,
             world_size=ctx.world_size, trainable_parameters=num_trained, export=str(export) if export else None,
             checkpoint=last_ckpt, resumed_from=resumed_from, losses=losses,
-            tensorboard=str(self.out / "tensorboard") if log.writer is not None else None)
+            tensorboard=log.tensorboard_dir)
         if ctx.rank == 0:
             summary.write(self.out / "summary.json")
             for line in summary.lines():
@@ -303,8 +304,8 @@ class Trainer:
             sheet = write_contact_sheet(path.with_name(path.stem + "_sheet.png"), pixels, columns=len(pixels),
                                         title=[f"step {step} | prompt: {c.samples.prompt or '(none)'}",
                                                f"seed {c.samples.seed} | {sampler.num_steps} steps"])
-            log.add_video("samples", torch.from_numpy(pixels).permute(0, 3, 1, 2), step, sampler.fps)
-            log.add_image("samples/contact_sheet", np.asarray(Image.open(sheet).convert("RGB")), step)
+            log.sample(path, torch.from_numpy(pixels).permute(0, 3, 1, 2), np.asarray(Image.open(sheet).convert("RGB")),
+                       step, sampler.fps)
             log.event(f"sample video {path}, contact sheet {sheet.name}")
 
     def _full_state(self) -> dict[str, torch.Tensor] | None:

@@ -96,25 +96,27 @@ class StageSummary:
 
 
 class MetricsLogger:
-    """Rank 0's sink: the printed line, OUT/metrics.jsonl, OUT/tensorboard/ (when the package is installed)."""
+    """Rank 0's sink: the printed line, OUT/metrics.jsonl, and the trackers of `report_to` (training/trackers.py:
+    OUT/tensorboard/, wandb, mlflow)."""
 
-    def __init__(self, out_dir: Path, total_steps: int, tensorboard: bool, rank: int) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, report_to: list[str], rank: int, run_name: str = "lvd",
+                 config: dict[str, Any] | None = None, project: str = "lvd") -> None:
         self.enabled = rank == 0
         self.total_steps = total_steps
-        self.writer = None
+        self.trackers = None
         self.jsonl = None
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out_dir / "metrics.jsonl", "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if report_to:
+            from training.trackers import Trackers
 
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                print("lvd train: the tensorboard package is not installed; metrics go to metrics.jsonl only",
-                      flush=True)
+            self.trackers = Trackers(report_to, out_dir, run_name, config or {}, project)
+
+    @property
+    def tensorboard_dir(self) -> str | None:
+        return self.trackers.tensorboard_dir if self.trackers is not None else None
 
     def log(self, step: int, values: dict[str, Any], eta_s: float | None) -> None:
         if not self.enabled:
@@ -131,33 +133,20 @@ class MetricsLogger:
         assert self.jsonl is not None
         self.jsonl.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
         self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(f"train/{key}", value, step)
+        if self.trackers is not None:
+            self.trackers.scalars({k: v for k, v in values.items() if isinstance(v, (int, float))}, step)
 
     def event(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
 
-    def add_video(self, tag: str, frames_TCHW_uint8: torch.Tensor, step: int, fps: float) -> None:
-        if self.writer is None:
-            return
-        import importlib.util
-
-        # TensorBoard encodes videos with moviepy; without it the frames go in as images (the mp4 in
-        # OUT/samples is the record either way)
-        if importlib.util.find_spec("moviepy") is not None:
-            self.writer.add_video(tag, frames_TCHW_uint8[None], step, fps=max(1, int(fps)))
-        else:
-            self.writer.add_images(tag, frames_TCHW_uint8, step)
-
-    def add_image(self, tag: str, image_HWC_uint8: np.ndarray, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_image(tag, image_HWC_uint8, step, dataformats="HWC")
+    def sample(self, video: Path, frames_TCHW_uint8: torch.Tensor, sheet_HWC_uint8: np.ndarray, step: int,
+               fps: float) -> None:
+        if self.trackers is not None:
+            self.trackers.sample(video, frames_TCHW_uint8, sheet_HWC_uint8, step, fps)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -42,7 +42,7 @@ def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path, cap
     config = validate(TrainConfig, stage_tree(
         out, synthetic_data(num_samples=2, batch_size=2), steps=40, deepspeed={"zero_stage": 1},
         optimizer={"lr": 3e-3}, schedule={"warmup_steps": 4, "decay": "constant"}, export={"ema": False},
-        checkpoint={"every": 20, "keep_last": 1}, logging={"every": 10, "tensorboard": True},
+        checkpoint={"every": 20, "keep_last": 1}, logging={"every": 10, "report_to": "tensorboard"},
         samples={"every": 20, "prompt": "a red square moves right", "num_steps": 3}))
     before = _eval_loss(load_initial_model(config), config)
     summary = Trainer(config).run()
