@@ -46,6 +46,12 @@ def level() -> str:
     return value if value in (QUIET, NORMAL, VERBOSE) else NORMAL
 
 
+def ray_logging_level() -> str:
+    """ray.init's logging_level: its INFO and WARNING lines (the local cluster started, token authentication
+    is on) only with -v."""
+    return "INFO" if level() == VERBOSE else "ERROR"
+
+
 def apply() -> None:
     """Filters the chatty libraries' loggers below ERROR unless verbose. A filter, not a level: DeepSpeed sets
     its logger's level when it is imported, which would undo a level set here first."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.verbosity import ray_logging_level
 from training.train_config import TrainConfig
 
 
@@ -139,11 +140,12 @@ def run_ray(config: TrainConfig, num_workers: int, address: str | None = None, u
     if not ray.is_initialized():
         # Ray Train's print patch would log every metrics line a second time through its logger.
         runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+        level = ray_logging_level()
         if address:
-            ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
+            ray.init(address=address, logging_level=level, runtime_env=runtime_env)
         else:
             ray.init(address="local", num_cpus=max(num_workers + 1, os.cpu_count() or 1), include_dashboard=False,
-                     logging_level="WARNING", runtime_env=runtime_env)
+                     logging_level=level, runtime_env=runtime_env)
         started = True
     try:
         output = Path(config.output).resolve()
