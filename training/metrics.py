@@ -89,7 +89,7 @@ class StageSummary:
                 f"{self.data_wait_fraction:.1%}, final loss {loss}, {self.trainable_parameters / 1e6:.2f}M trained "
                 f"parameters" + (f", resumed from {self.resumed_from}" if self.resumed_from else ""),
                 f"  model: {self.export}   checkpoint: {self.checkpoint}"] + \
-            ([f"  curves and sample videos: tensorboard --logdir {self.tensorboard}"] if self.tensorboard else [])
+            ([f"  TensorBoard: tensorboard --logdir {self.tensorboard}"] if self.tensorboard else [])
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))

@@ -61,7 +61,7 @@ def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path, cap
     assert (out / "config.yaml").is_file() and (out / "run.json").is_file()
     printed = capsys.readouterr().out
     assert f"checkpoint {out / 'checkpoints' / 'step_00000020'} removed (checkpoint.keep_last: 1)" in printed
-    assert f"  curves and sample videos: tensorboard --logdir {out / 'tensorboard'}" in printed.splitlines()
+    assert f"  TensorBoard: tensorboard --logdir {out / 'tensorboard'}" in printed.splitlines()
     # the sample videos and their contact sheets are TensorBoard media, next to the scalars
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
