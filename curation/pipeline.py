@@ -155,14 +155,18 @@ class ray_session:
         if not self.verbose:  # Ray's C++ core writes to stderr directly, past Python's logging
             self.native = native_logs_to(self.run_dir / "logs" / "ray.log")
             self.native.__enter__()
-        if not ray.is_initialized():
-            level = logging.INFO if self.verbose else logging.WARNING
-            if self.address:
-                ray.init(address=self.address, logging_level=level, log_to_driver=self.verbose)
-            else:
-                ray.init(address="local", num_cpus=self.config.ray.num_cpus, include_dashboard=False,
-                         logging_level=level, log_to_driver=self.verbose)
-            self.started = True
+        try:
+            if not ray.is_initialized():
+                level = logging.INFO if self.verbose else logging.WARNING
+                if self.address:
+                    ray.init(address=self.address, logging_level=level, log_to_driver=self.verbose)
+                else:
+                    ray.init(address="local", num_cpus=self.config.ray.num_cpus, include_dashboard=False,
+                             logging_level=level, log_to_driver=self.verbose)
+                self.started = True
+        except BaseException:  # `with` calls no __exit__ when __enter__ fails: give stderr and the loggers back
+            self.__exit__(*sys.exc_info())
+            raise
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar of ours, counted in videos, is what people read
         ctx.verbose_stats_logs = False
