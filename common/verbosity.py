@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,8 @@ QUIET, NORMAL, VERBOSE = "quiet", "normal", "verbose"
 # Loggers of libraries that talk on the console at WARNING for things a user cannot act on (DeepSpeed's
 # "Setting accelerator to CPU" on every CPU run); below -v they keep only errors.
 CHATTY = ("DeepSpeed",)
+# Python warnings raised outside lvd's own packages (torch's deprecations under ZeRO-3, ...): only with -v.
+THIRD_PARTY = r"(?!(common|curation|shards|training|jobs)(\.|$))"
 # A line of Ray's C++ core (glog format), e.g. "[2026-12-04 16:01:49,225 E 20384 20384] core_worker.cc:2465: ..."
 NATIVE_LINE = re.compile(rb"(?:\x1b\[[0-9;]*m)?\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] "
                          rb"[\w./-]+\.(?:cc|h):\d+:[^\n]*\n?(?:\x1b\[[0-9;]*m)?")
@@ -61,6 +64,8 @@ def apply() -> None:
             logger.removeFilter(f)
         if level() != VERBOSE:
             logger.addFilter(_BelowError())
+    if level() != VERBOSE:
+        warnings.filterwarnings("ignore", module=THIRD_PARTY)
     if level() == QUIET:
         os.environ.setdefault("TQDM_DISABLE", "1")  # bars of libraries (diffusers, transformers) too
 

@@ -29,3 +29,16 @@ def test_verbose_leaves_stderr_alone(tmp_path, monkeypatch, capfd):
         os.write(2, NATIVE)
     assert "core_worker.cc:2465" in capfd.readouterr().err
     assert not (tmp_path / "ray.log").exists()
+
+
+def test_third_party_warnings_only_with_verbose(monkeypatch):
+    import warnings
+
+    for level, shown in ((verbosity.NORMAL, False), (verbosity.VERBOSE, True)):
+        monkeypatch.setenv(verbosity.ENV, level)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            verbosity.apply()
+            warnings.warn_explicit("deprecated", FutureWarning, "c10d_logger.py", 83, module="torch.distributed.c10d")
+            warnings.warn_explicit("lvd's own", UserWarning, "loop.py", 1, module="training.loop")
+        assert [str(w.message) for w in caught] == (["deprecated", "lvd's own"] if shown else ["lvd's own"])
