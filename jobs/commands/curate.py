@@ -8,7 +8,8 @@ import sys
 from jobs.commands.common_args import add_ray_args, add_recipe_args
 
 EPILOG = """examples:
-  lvd curate recipes/curation/default.yaml --set inputs=[videos/] --set output=runs/cur1
+  lvd curate recipes/curation/cpu_fast.yaml --set inputs=[videos/] --set output=runs/cur1   # any CPU, no weights
+  lvd curate recipes/curation/default.yaml --set inputs=[videos/] --set output=runs/cur1    # GPUs + weights
   lvd curate recipes/curation/default.yaml --set output=runs/cur1 --rethreshold --set thresholds.motion_score.min=0.01
   lvd curate recipes/curation/default.yaml --address ray://head:10001 --set inputs=[s3://bucket/raw/]
 
