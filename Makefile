@@ -15,22 +15,29 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/no-deps.txt requirem
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps -r requirements/no-deps.txt
-	$(PY) -m pip check || true
+	$(PY) -m pip check > $(VENV)/pip-check.log 2>&1 || echo "pip check reports dependency conflicts: see $(VENV)/pip-check.log"
 	touch $(STAMP)
 
 # curation (tiny random-weight captioners and CLIP: no weights can be downloaded) -> its HTML report
 # -> shards -> the tiny three-stage training chain -> a sample video, on CPU.
 # Every step resumes, so running it again only redoes what is missing.
 demo: $(STAMP)
-	$(PY) -m curation.synthetic $(DEMO_DIR)/videos
-	$(LVD) curate recipes/curation/demo.yaml --set inputs=[$(DEMO_DIR)/videos] --set output=$(DEMO_DIR)/run \
+	@echo "== 1/7 synthetic videos -> $(DEMO_DIR)/videos"
+	@$(PY) -m curation.synthetic $(DEMO_DIR)/videos > /dev/null
+	@echo "== 2/7 lvd curate recipes/curation/demo.yaml (tiny random-weight stand-ins for the models)"
+	@$(LVD) curate recipes/curation/demo.yaml --set inputs=[$(DEMO_DIR)/videos] --set output=$(DEMO_DIR)/run \
 	    $$($(PY) -m curation.tiny_models $(DEMO_DIR)/models)
-	$(LVD) report $(DEMO_DIR)/run
-	$(LVD) shards write $(DEMO_DIR)/run $(DEMO_DIR)/shards --no-progress
-	$(LVD) train recipes/train/tiny_stage1.yaml --set output=$(DEMO_DIR)/train/stage1 --set data.shards.shards=$(DEMO_DIR)/shards
-	$(LVD) train recipes/train/tiny_stage2.yaml --set output=$(DEMO_DIR)/train/stage2 --set init_from=$(DEMO_DIR)/train/stage1 --set data.shards.shards=$(DEMO_DIR)/shards
-	$(LVD) train recipes/train/tiny_stage3.yaml --set output=$(DEMO_DIR)/train/stage3 --set init_from=$(DEMO_DIR)/train/stage2 --set data.shards.shards=$(DEMO_DIR)/shards
-	$(LVD) sample --model $(DEMO_DIR)/train/stage3 --prompt "a square moves across the frame" --size 32x56 --out $(DEMO_DIR)/sample.mp4
+	@echo "== 3/7 lvd report $(DEMO_DIR)/run"
+	@$(LVD) report $(DEMO_DIR)/run
+	@echo "== 4/7 lvd shards write"
+	@$(LVD) shards write $(DEMO_DIR)/run $(DEMO_DIR)/shards --no-progress
+	@echo "== 5/7 lvd train: tiny stage 1 (images)"
+	@$(LVD) train recipes/train/tiny_stage1.yaml --set output=$(DEMO_DIR)/train/stage1 --set data.shards.shards=$(DEMO_DIR)/shards
+	@echo "== 6/7 lvd train: tiny stages 2 (video) and 3 (fine-tuning)"
+	@$(LVD) train recipes/train/tiny_stage2.yaml --set output=$(DEMO_DIR)/train/stage2 --set init_from=$(DEMO_DIR)/train/stage1 --set data.shards.shards=$(DEMO_DIR)/shards
+	@$(LVD) train recipes/train/tiny_stage3.yaml --set output=$(DEMO_DIR)/train/stage3 --set init_from=$(DEMO_DIR)/train/stage2 --set data.shards.shards=$(DEMO_DIR)/shards
+	@echo "== 7/7 lvd sample"
+	@$(LVD) sample --model $(DEMO_DIR)/train/stage3 --prompt "a square moves across the frame" --size 32x56 --out $(DEMO_DIR)/sample.mp4
 	@echo "demo done: report $(DEMO_DIR)/run/report.html, ledger $(DEMO_DIR)/run/ledger, shards $(DEMO_DIR)/shards, model $(DEMO_DIR)/train/stage3/model, video $(DEMO_DIR)/sample.mp4"
 
 test: $(STAMP)

@@ -18,6 +18,7 @@ the tests build such tiny models); `is_random_stand_in` tells, so that runs can 
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,25 @@ RANDOM_WEIGHTS_MARKER = "LVD_RANDOM_WEIGHTS"
 
 
 class MissingCheckpoint(FileNotFoundError):
-    """A checkpoint a recipe names is not on this machine; the message says how to provide it."""
+    """A checkpoint a recipe names is not on this machine; the message says how to provide it. `spec` and
+    `problem` (the short why, without the fix) let a caller group several into one message."""
+
+    def __init__(self, message: str, spec: CheckpointSpec | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.spec = spec
+        self.problem = problem or message
+
+
+# Approximate download sizes of the checkpoints the repo's recipes name by default, so that a user can
+# plan the fetch before starting it (a snapshot's size for a repository, the file's for a file).
+KNOWN_SIZES = {
+    "hf-hub:laion/CoCa-ViT-L-14-laion2B-s13B-b90k": "~2.6 GB",
+    "hf-hub:llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "~1.8 GB",
+    "hf-hub:Qwen/Qwen2.5-1.5B-Instruct": "~3.1 GB",
+    "hf-hub:timm/vit_large_patch14_clip_224.openai/open_clip_pytorch_model.bin": "~1.7 GB",
+    "hf-hub:camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth": "~4 MB",
+}
+CPU_RECIPE = "recipes/curation/cpu_fast.yaml"
 
 
 @dataclass(frozen=True)
@@ -58,9 +77,9 @@ def resolve(spec: CheckpointSpec) -> Path:
     if path.is_dir() and spec.expect:
         missing = [f for f in spec.expect if not (path / f).exists()]
         if missing:
-            raise MissingCheckpoint(f"{spec.role}: {path} lacks {', '.join(missing)}; it must hold "
-                                    f"{', '.join(spec.expect)} ({spec.note or 'the model files'}). "
-                                    f"Point {spec.role} at a complete folder.")
+            problem = f"{path} lacks {', '.join(missing)} ({spec.note or 'the model files'})"
+            raise MissingCheckpoint(f"{spec.role}: {problem}; it must hold {', '.join(spec.expect)}. "
+                                    f"Point {spec.role} at a complete folder.", spec, problem)
     return path
 
 
@@ -68,10 +87,11 @@ def _resolve_local(spec: CheckpointSpec) -> Path:
     path = Path(spec.source).expanduser()
     if not path.exists():
         wanted = f" (a folder holding {', '.join(spec.expect)})" if spec.expect else ""
+        problem = f"{path.absolute()} not found{wanted}"
         raise MissingCheckpoint(
-            f"{spec.role}: checkpoint {path.absolute()} not found{wanted}. Copy the weights there, or set "
-            f"{spec.role} to another local path or to hf-hub:org/repo for a model in the Hugging Face cache "
-            f"(`lvd models RECIPE` lists what a recipe needs).")
+            f"{spec.role}: checkpoint {problem}. Copy the weights there, or set {spec.role} to another local "
+            f"path or to hf-hub:org/repo for a model in the Hugging Face cache (`lvd models` lists what a recipe "
+            f"needs).", spec, problem)
     return path
 
 
@@ -89,9 +109,33 @@ def _resolve_hf(spec: CheckpointSpec) -> Path:
         what = f"{filename} of {repo}" if filename else f"the {repo} repository"
         raise MissingCheckpoint(
             f"{spec.role}: {what} is not in the Hugging Face cache ({cache}) and lvd never downloads during a "
-            f"run. Fetch it where there is network: `lvd models RECIPE --download` or `hf download {repo}"
-            f"{' ' + filename if filename else ''}` (then copy the cache to this machine), or set {spec.role} "
-            f"to a local path.") from e
+            f"run. Fetch it where there is network: `hf download {repo}{' ' + filename if filename else ''}` "
+            f"(then copy the cache to this machine), or set {spec.role} to a local path.",
+            spec, "not in the Hugging Face cache") from e
+
+
+def missing_message(problems: list[MissingCheckpoint], recipe: str, command: str = "curate") -> str:
+    """One message for every checkpoint a recipe lacks: a line each, then the fixes once."""
+    width = max(len(p.spec.role) if p.spec else 0 for p in problems)
+    hub = [p for p in problems if p.spec is not None and is_hf(p.spec.source)]
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    lines = [f"{recipe}: {len(problems)} model checkpoint{'s' if len(problems) != 1 else ''} missing here; "
+             "nothing was started."]
+    if hub:
+        lines.append(f"Not in the Hugging Face cache ({cache}):")
+        lines += [f"  {p.spec.role:<{width}}  {KNOWN_SIZES.get(p.spec.source, '?'):>7}  {p.spec.source}" for p in hub]
+    others = [p for p in problems if p not in hub]
+    if others:
+        lines.append("Not found:")
+        lines += [f"  {p.spec.role:<{width}}  {p.problem}" if p.spec else f"  {p}" for p in others]
+    fixes = []
+    if hub:
+        fixes.append(f"Fetch them where there is network (`lvd models {recipe} --download`), then copy the "
+                     f"cache here, or set each key to a local path (--set KEY=PATH).")
+    if command == "curate":
+        fixes.append(f"Without GPUs or weights, curate with {CPU_RECIPE} (no weights needed).")
+    lines += [textwrap.fill(f, 100) for f in fixes]
+    return "\n".join(lines)
 
 
 def download(spec: CheckpointSpec) -> Path:

@@ -3,7 +3,7 @@
 Writes N random unit vectors (the worst case for clustering: no structure) in the candidate layout the
 decision pass writes (files of 65,536 rows, the k-means sample beside them), with about 10% of the clips
 planted as near duplicates: groups of 2-5 clips, each a perturbed copy of the group's first clip (cosine
-0.97-0.999 to it). Then, on a local Ray with every core, the real search of curation/near_dedup.py
+0.97-0.999 to it). Then, on a local Ray with every core, the near-duplicate search `lvd curate` runs
 (clustered above `dedup.all_pairs_max`), timed with the peak RSS of the whole process tree (driver and Ray
 workers). Printed: wall time, peak RSS, recall (planted pairs whose clips end in one duplicate group), and,
 on a subsample of 50,000 clips (whole planted groups), the agreement of the clustered path's decisions with

@@ -102,7 +102,11 @@ def decide(config: CurationConfig, ledger: Ledger) -> Decided:
             print_=print_, num_vectors=stats["embedded"])
         kept -= found.dropped
         near_path = found.funnel_path()
-        funnel.append({"step": "dedup near", "count": kept, "path": near_path})
+        step = {"step": "dedup near", "count": kept, "path": near_path}
+        if not stats["embedded"] and not config.clip.enabled:  # nothing to compare: say why, not "0 pairs"
+            step = {"step": "dedup near", "count": kept,
+                    "off": "off in this recipe: the clip stage is off, no embeddings to compare"}
+        funnel.append(step)
     second = map_tasks(_apply_duplicates, [(str(ledger.run_dir), str(f), str(work)) for f in files])
     changes = _changes(ledger, thresholds, second, kept)
     _swap(ledger, work, {

@@ -24,8 +24,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, resolve
+from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stand_in, missing_message, resolve
 from common.local_ray import local_ray
+from common.verbosity import PlainFormatter, native_logs_to
 from curation.config import CurationConfig
 from curation.decisions import decide
 from curation.inputs import Item, check_paths, deferred, list_task, missing_inputs_error, unmatched
@@ -60,19 +61,18 @@ def model_checkpoints(config: CurationConfig) -> list[CheckpointSpec]:
     return specs
 
 
-def check_models(config: CurationConfig) -> dict[str, Path]:
+def check_models(config: CurationConfig, recipe: str = "the recipe") -> dict[str, Path]:
     """Resolves every checkpoint before any video is decoded; raises one MissingCheckpoint naming all that
-    are missing. Returns role -> local path."""
+    are missing (`recipe`: the path its fix names). Returns role -> local path."""
     found: dict[str, Path] = {}
-    problems: list[str] = []
+    problems: list[MissingCheckpoint] = []
     for spec in model_checkpoints(config):
         try:
             found[spec.role] = resolve(spec)
         except MissingCheckpoint as e:
-            problems.append(str(e))
+            problems.append(e)
     if problems:
-        raise MissingCheckpoint("the recipe names model weights this machine does not have (nothing was decoded):\n  - "
-                                + "\n  - ".join(problems))
+        raise MissingCheckpoint(missing_message(problems, recipe))
     return found
 
 
@@ -90,11 +90,12 @@ def _write_models_used(run_dir: Path, config: CurationConfig, found: dict[str, P
 
 
 def run_curation(config: CurationConfig, address: str | None = None, progress: bool = True, verbose: bool = False,
-                 decoder: type | None = None) -> Summary:
+                 decoder: type | None = None, found: dict[str, Path] | None = None) -> Summary:
     """Lists the inputs, curates the videos not yet in the ledger, and decides the whole run.
-    `decoder` replaces the decode actor (benchmarks fabricate rows with it)."""
+    `decoder` replaces the decode actor (benchmarks fabricate rows with it); `found` is check_models' result
+    when the caller checked the weights already."""
     check_paths(config.inputs, config.output, config.inputs_missing, local=address is None)
-    found = check_models(config)
+    found = check_models(config) if found is None else found
     stand_ins = random_stand_ins(found)
     _write_models_used(Path(config.output), config, found)
     if stand_ins:
@@ -137,6 +138,7 @@ class ray_session:
         self.stack = ExitStack()  # shuts down the Ray this run started
         self.handler: logging.Handler | None = None
         self.saved: list[tuple[logging.Handler, int]] = []
+        self.native: Any = None
 
     def __enter__(self) -> bool:
         import ray
@@ -146,7 +148,7 @@ class ray_session:
 
             (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
             self.handler = logging.FileHandler(self.run_dir / "logs" / "ray.log")
-            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self.handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             for name in ("ray", "ray.data"):
                 logger = logging.getLogger(name)
                 for h in logger.handlers:
@@ -154,15 +156,22 @@ class ray_session:
                         self.saved.append((h, h.level))
                         h.setLevel(logging.ERROR)
                 logger.addHandler(self.handler)
-        if not ray.is_initialized():
-            level = logging.INFO if self.verbose else logging.WARNING
-            if self.address:
-                ray.init(address=self.address, logging_level=level, log_to_driver=self.verbose)
-                self.stack.callback(ray.shutdown)
-            else:
-                self.stack.enter_context(local_ray(num_cpus=self.config.ray.num_cpus, include_dashboard=False,
-                                                   logging_level=level, log_to_driver=self.verbose))
-            self.started = True
+        if not self.verbose:  # Ray's C++ core writes to stderr directly, past Python's logging
+            self.native = native_logs_to(self.run_dir / "logs" / "ray.log")
+            self.native.__enter__()
+        try:
+            if not ray.is_initialized():
+                level = logging.INFO if self.verbose else logging.WARNING
+                if self.address:
+                    ray.init(address=self.address, logging_level=level, log_to_driver=self.verbose)
+                    self.stack.callback(ray.shutdown)
+                else:
+                    self.stack.enter_context(local_ray(num_cpus=self.config.ray.num_cpus, include_dashboard=False,
+                                                       logging_level=level, log_to_driver=self.verbose))
+                self.started = True
+        except BaseException:  # `with` calls no __exit__ when __enter__ fails: give stderr and the loggers back
+            self.__exit__(*sys.exc_info())
+            raise
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar of ours, counted in videos, is what people read
         ctx.verbose_stats_logs = False
@@ -171,6 +180,8 @@ class ray_session:
 
     def __exit__(self, *exc: Any) -> None:
         self.stack.close()
+        if self.native is not None:
+            self.native.__exit__(*exc)
         if self.handler is not None:
             for h, level in self.saved:
                 h.setLevel(level)
@@ -341,11 +352,12 @@ def _check_gpus(config: CurationConfig, cluster_gpus: float, autoscaling_possibl
 def print_funnel(summary: Summary, file=None) -> None:
     file = file or sys.stdout
     width = max(len(s["step"]) for s in summary.funnel)
-    print(f"\nfunnel ({summary.run_dir}; {summary.num_processed} videos processed by this run, "
+    print(f"\nfunnel ({summary.run_dir}; {summary.num_processed} videos processed, "
           f"{summary.num_done_before} already in the ledger):", file=file)
     for s in summary.funnel:
-        path = f"  ({s['path']})" if s.get("path") else ""  # which near-duplicate search ran
-        print(f"  {s['step']:<{width}}  {s['count']:>7}{path}", file=file)
+        # which near-duplicate search ran, or why a step did nothing
+        note = f"  ({s['off']})" if s.get("off") else f"  ({s['path']})" if s.get("path") else ""
+        print(f"  {s['step']:<{width}}  {s['count']:>7}{note}", file=file)
     if summary.num_ignored:
         print(f"{summary.num_ignored} other files in the input folders were ignored (not a video extension; see "
               "`extensions` in the recipe)", file=file)

@@ -9,6 +9,8 @@ What the page shows, all read from the run folder (nothing is decoded or scored 
 2. a histogram of every score column (see `score_columns`), kept and not-kept clips stacked, with the
    thresholds drawn as lines where the last decision pass put them (decisions/_summary.json; a run
    without it: config.yaml's rules, a percentile resolved over the usable clips as the decisions do);
+   a score without values whose stage the recipe turned off is listed as "off in this recipe" instead,
+   as is a funnel step that had nothing to work on (near dedup without clip embeddings);
 3. a contact sheet: kept clips, then not-kept clips grouped by reason code (decisions' `reason_code`),
    each with its thumbnail strip (first | middle | last key frame), scores, captions and decision; at
    most `max_clips` clips per side, picked deterministically and spread over videos and reasons;
@@ -25,7 +27,8 @@ The file has no external references: CSS is inline, thumbnails are data: URIs, a
 JavaScript (filter buttons) are optional, the page renders fully without them. Every string from the
 ledger (captions, file names, reasons) is HTML-escaped: they come from untrusted inputs.
 
-DOM hooks (stable, used by the tests): `.funnel-step[data-step]` with `.funnel-count[data-step][data-count]`;
+DOM hooks (stable, used by the tests): `.funnel-step[data-step]` (`.off` when off in the recipe) with
+`.funnel-count[data-step][data-count]`; `.off-scores[data-off]` (the scores of stages turned off);
 `.stat[data-stat]` (videos, clips, usable, kept, from the ledger); `figure.histogram[data-column]` holding
 `rect.bar.kept|.bar.dropped[data-count]` and `line.threshold[data-column][data-kind][data-value]`;
 `.clip-group[data-group][data-total][data-shown]` ("kept", or a reason code) holding
@@ -61,6 +64,10 @@ HASH_RANGE = 1 << 20
 DUCKDB_MEMORY = "256MB"  # DuckDB spills sorts and aggregates to a temporary folder past this (bounded RSS)
 # Score columns shown even when no threshold names them (the stages' outputs).
 KNOWN_SCORES = ("motion_score", "text_area", "aesthetic", "caption_similarity", "dup_similarity")
+# The recipe switch behind each stage score: a score without values whose stage the recipe turned off gets
+# no empty histogram, only a mention that it is off.
+SCORE_STAGE = {"text_area": ("text", "text stage"), "aesthetic": ("clip", "clip stage"),
+               "caption_similarity": ("clip", "clip stage"), "dup_similarity": ("dedup.near", "near dedup")}
 # Float columns that describe a clip or its decoding rather than score it.
 BOOKKEEPING = {"start_s", "end_s", "duration_s", "fps", "width", "height", "num_frames", "start_frame",
                "end_frame", "clip_index", "sar", "process_s", "coded_width", "coded_height", "rotation",
@@ -129,6 +136,7 @@ class RunData:
     failed_videos: list[dict]                   # the first MAX_FAILED_VIDEOS not decoded, by source
     num_failed_videos: int
     models: list[dict[str, Any]] = field(default_factory=list)  # models.json: the weights that scored the run
+    off_scores: dict[str, str] = field(default_factory=dict)     # score -> the stage the recipe turned off
 
     @property
     def score_columns(self) -> list[str]:
@@ -145,6 +153,9 @@ def load_run(run_dir: str | Path, max_clips: int = DEFAULT_MAX_CLIPS) -> RunData
     candidates = [c for c in NUMERIC if c in rules or c in KNOWN_SCORES or (NUMERIC[c] and c not in BOOKKEEPING)]
     totals, scored = _first_pass(ledger, candidates)
     columns = score_columns(rules, {c: s[0] for c, s in scored.items()})
+    off = off_stages(tree)
+    off_scores = {c: why for c, (stage, why) in SCORE_STAGE.items() if stage in off and not scored.get(c, (0,))[0]}
+    columns = [c for c in columns if c not in off_scores]
     histograms = [Histogram(c, scored[c][0], int(totals["clips"]) - scored[c][0], lines.get(c, []), c in rules)
                   for c in columns]
     for h in histograms:
@@ -160,7 +171,20 @@ def load_run(run_dir: str | Path, max_clips: int = DEFAULT_MAX_CLIPS) -> RunData
     return RunData(run_dir, funnel if isinstance(funnel, list) else None, config_text, rules,
                    run_info if isinstance(run_info, dict) else None, stats, histograms, groups,
                    totals["thumbs"] > 0, failed, num_failed,
-                   [m for m in models if isinstance(m, dict)] if isinstance(models, list) else [])
+                   [m for m in models if isinstance(m, dict)] if isinstance(models, list) else [], off_scores)
+
+
+def off_stages(tree: dict) -> set[str]:
+    """The stages config.yaml (the resolved recipe) turned off: "text", "caption", "clip", "dedup.near"
+    (near dedup compares clip embeddings, so it is off without the clip stage too)."""
+    def section(name: str) -> dict:
+        value = tree.get(name)
+        return value if isinstance(value, dict) else {}
+
+    off = {name for name in ("text", "caption", "clip") if section(name).get("enabled") is False}
+    if section("dedup").get("near") is False or "clip" in off:
+        off.add("dedup.near")
+    return off
 
 
 def check_decided(ledger: Ledger) -> None:
@@ -317,7 +341,8 @@ def render(run: RunData) -> str:
         '<section id="reasons"><h2>Why clips were not kept</h2>', _reasons(run.groups), "</section>",
         '<section id="scores"><h2>Scores</h2>', _legend(), '<div class="histograms">',
         *(_histogram(h) for h in run.histograms),
-        "</div>" + ("" if run.histograms else '<p class="empty">no score columns in the ledger</p>') + "</section>",
+        "</div>" + ("" if run.histograms or run.off_scores else '<p class="empty">no score columns in the ledger</p>'),
+        _off_scores(run.off_scores), "</section>",
         '<section id="clips"><h2>Clips</h2>', _contact_sheet(run), "</section>",
         '<section id="videos"><h2>Videos not decoded</h2>', _failed_videos(run), "</section>",
         '<section id="run"><h2>Run</h2>', _run_info(run), "</section>",
@@ -505,6 +530,7 @@ def _funnel(run: RunData) -> str:
     if not run.funnel:
         return '<p class="empty">no funnel.json in the run folder (re-run <code>lvd curate</code> to write it)</p>'
     steps = [(str(s.get("step", "?")), int(s.get("count") or 0)) for s in run.funnel if isinstance(s, dict)]
+    off = {str(s.get("step")): str(s["off"]) for s in run.funnel if isinstance(s, dict) and s.get("off")}
     names = [n for n, _ in steps]
     first_clip_step = names.index("clips") if "clips" in names else 0
     video_base = steps[0][1] if first_clip_step > 0 else 0
@@ -514,13 +540,21 @@ def _funnel(run: RunData) -> str:
         unit, base = ("videos", video_base) if i < first_clip_step else ("clips", clip_base)
         pct = 100.0 * count / base if base else 0.0
         width = min(100.0, pct)
+        note = (f'<span class="funnel-pct" title="{_e(off[name])}">off in this recipe</span>' if name in off
+                else f'<span class="funnel-pct">{pct:.1f}% of {unit}</span>')
         rows.append(
-            f'<div class="funnel-step" data-step="{_e(name)}" data-unit="{unit}">'
+            f'<div class="funnel-step{" off" if name in off else ""}" data-step="{_e(name)}" data-unit="{unit}">'
             f'<span class="funnel-name">{_e(name)}</span>'
             f'<span class="funnel-track"><span class="funnel-bar" style="width:{width:.2f}%"></span></span>'
-            f'<span class="funnel-count" data-step="{_e(name)}" data-count="{count}">{count}</span>'
-            f'<span class="funnel-pct">{pct:.1f}% of {unit}</span></div>')
+            f'<span class="funnel-count" data-step="{_e(name)}" data-count="{count}">{count}</span>{note}</div>')
     return '<div class="funnel">' + "".join(rows) + "</div>"
+
+
+def _off_scores(off: dict[str, str]) -> str:
+    if not off:
+        return ""
+    items = ", ".join(f"{_e(c)} ({_e(stage)})" for c, stage in off.items())
+    return f'<p class="off-scores muted" data-off="{_e(" ".join(off))}">off in this recipe: {items}</p>'
 
 
 def _reasons(groups: list[ClipGroup]) -> str:
@@ -798,6 +832,7 @@ code, .clip-id, pre {{ font-family: ui-monospace, Menlo, Consolas, monospace; fo
 .funnel-bar {{ background: {FUNNEL_COLOR}; height: 22px; display: block; }}
 .funnel-count {{ text-align: right; font-variant-numeric: tabular-nums; font-weight: 600; }}
 .funnel-pct {{ color: #666; font-variant-numeric: tabular-nums; }}
+.funnel-step.off {{ opacity: 0.45; }}
 table {{ border-collapse: collapse; }} td, th {{ padding: 2px 8px; text-align: left; vertical-align: top; }}
 .num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .reasons td, .reasons th, .videos td, .videos th, .run-info td, .run-info th {{ border-bottom: 1px solid #eee; }}

@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", help="folder for the stand-ins")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" bars for one tiny file each: noise in the demo
     print(" ".join(f"--set {o}" for o in as_overrides(build_all(args.root, args.seed))))
     return 0
 

@@ -122,6 +122,20 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
         except MediaError as e:
             key_frame_error = f"key_frames: {e.reason}"
 
+    # dropped clips (too short, transitions) get a strip too, so the report shows what each cut and fade
+    # decision looked like; their frames come from the same samples, else from a read that cannot fail the
+    # usable clips
+    thumb_of = {n: (sampled.pick(s.start, s.end) if sampled else None) or key_frame_indices(s.start, s.end)
+                for n, s in enumerate(spans) if s.drop_reason is not None and s.end > s.start}
+    extra = sorted({i for keys in thumb_of.values() for i in keys
+                    if not (sampled and sampled.has(i)) and i not in frames})
+    if extra:
+        try:
+            frames.update(read_frames(prepared.local_path, info, extra, stats.times_s, decode.key_frame_max_side,
+                                      seek=stats.seek_safe))
+        except MediaError:
+            pass  # those dropped clips show a placeholder; nothing else depends on their frames
+
     out = VideoOutput(video)
     for n, span in enumerate(spans):
         heartbeat()
@@ -148,6 +162,10 @@ def process_video(source: str, video_id: str, prepared: Prepared, config: Curati
                     row.update(status="failed", reason="motion: no frame pair at the motion fps inside the clip")
         else:
             row.update(status="dropped", reason=span.drop_reason)
+            keys = [sampled.jpeg(i) if sampled and sampled.has(i) else
+                    (encode_jpeg(frames[i]) if i in frames else None) for i in thumb_of.get(n, ())]
+            if keys and all(k is not None for k in keys):
+                row["thumb_path"] = _write_thumbnail(keys, Path(run_dir), video_id, clip_id)
         out.clips.append(row)
 
     if config.clips.mode != "none":

@@ -1,7 +1,7 @@
 """Loader throughput against a raw sequential read of the same shard bytes, measured in one run.
 
-    python -m shards.bench                      # 160 samples of ~2 MB, latents of ~1 MB, 2 workers
-    python -m shards.bench --samples 400 --sample-mb 4 --workers 4
+    lvd bench loader                      # 160 samples of ~2 MB, latents of ~1 MB, 2 workers
+    lvd bench loader --samples 400 --sample-mb 4 --workers 4
 
 Builds a fake curation run of large clips (noise video, so the mp4 does not compress), writes shards, adds
 precomputed latents to a copy (training's usual input at scale), then times with a warm page cache, best of

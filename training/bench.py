@@ -36,7 +36,7 @@ def base_tree(output: Path, steps: int, batch_size: int, num_frames: int, size: 
     return {"name": "bench", "output": str(output), "steps": steps, "model": {"preset": "tiny"},
             "objective": {"p_mean": 0.0, "p_std": 1.2}, "optimizer": {"lr": 1e-4},
             "deepspeed": {"zero_stage": 1, "precision": "fp32"}, "ema": {"enabled": True, "decay": 0.999},
-            "checkpoint": {"every": 10**9}, "logging": {"every": 1, "tensorboard": False},
+            "checkpoint": {"every": 10**9}, "logging": {"every": 1, "report_to": []},
             "data": {"source": "synthetic", "synthetic": {"num_samples": 8 * batch_size, "batch_size": batch_size,
                                                           "num_frames": num_frames, "height": size[0],
                                                           "width": size[1]}}}

@@ -112,19 +112,22 @@ class CheckpointStore:
             tmp = self.root / f".{LATEST}.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.root / LATEST)
-            self._prune(keep_last, tag)
+            for old in self._prune(keep_last, tag):
+                print(f"checkpoint {self.root / old} removed (checkpoint.keep_last: {keep_last})", flush=True)
         dist.barrier()
         return tag
 
-    def _prune(self, keep_last: int, current: str) -> None:
+    def _prune(self, keep_last: int, current: str) -> list[str]:
+        """Removes all but the newest `keep_last` checkpoints (and `current`); returns the removed tags."""
         if keep_last <= 0:
-            return
+            return []
         tags = sorted(p.name for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(UNIVERSAL_SUFFIX))
         keep = set(tags[-keep_last:]) | {current}
-        for tag in tags:
-            if tag not in keep:
-                shutil.rmtree(self.root / tag, ignore_errors=True)
-                shutil.rmtree(self.root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+        removed = [tag for tag in tags if tag not in keep]
+        for tag in removed:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+            shutil.rmtree(self.root / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+        return removed
 
     def needs_universal(self, tag: str, zero_stage: int) -> bool:
         """A ZeRO checkpoint is partitioned for the world size it was saved with; another one needs the

@@ -31,6 +31,9 @@ TEXT_WEIGHTS = "model.safetensors"
 def resolve_model_dir(path: str | Path) -> Path:
     """The folder holding unet/: `path` itself, or `path/model` (a training checkpoint)."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"model folder {path} does not exist; train one first (`lvd train RECIPE` exports its "
+                         "final model to OUTPUT/model; pass OUTPUT or OUTPUT/model) or pass --random-init")
     for candidate in (path, path / "model"):
         if (candidate / "unet" / "config.json").is_file():
             return candidate

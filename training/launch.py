@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.local_ray import local_ray
+from common.verbosity import ray_logging_level
 from training.train_config import TrainConfig
 
 
@@ -121,6 +122,9 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
+    from common.verbosity import apply
+
+    apply()
     config = TrainConfig.model_validate(loop_config["config"])
     _restore_ray_checkpoint(config)
     rank = dist.get_rank()
@@ -154,12 +158,13 @@ def run_ray(config: TrainConfig, num_workers: int, address: str | None = None, u
         if not ray.is_initialized():
             # Ray Train's print patch would log every metrics line a second time through its logger.
             runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+            level = ray_logging_level()
             if address:
-                ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
+                ray.init(address=address, logging_level=level, runtime_env=runtime_env)
                 started.callback(ray.shutdown)
             else:
                 started.enter_context(local_ray(num_cpus=max(num_workers + 1, os.cpu_count() or 1),
-                                                include_dashboard=False, logging_level="WARNING",
+                                                include_dashboard=False, logging_level=level,
                                                 runtime_env=runtime_env))
         output = Path(config.output).resolve()
         config = config.model_copy(update={"output": str(output)})

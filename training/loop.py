@@ -121,7 +121,8 @@ class Trainer:
         batches = self.batches or make_batch_source(c.data, ctx.rank, ctx.world_size, model.config.latent_channels,
                                                     model.config.vae.downsample)
         start_step, samples_seen = 0, 0
-        log = MetricsLogger(self.out, c.steps, c.logging.tensorboard, ctx.rank)
+        log = MetricsLogger(self.out, c.steps, c.logging.report_to, ctx.rank, run_name=c.name,
+                            config=c.model_dump(mode="json"), project=c.logging.project)
         if tag is not None:
             state = store.load(engine, tag, universal_tag)
             apply_schedule(scheduler, c)
@@ -221,7 +222,8 @@ class Trainer:
             seconds=seconds, samples_per_s=(samples_seen - samples_before) / max(seconds, 1e-9),
             data_wait_fraction=self._mean_over_ranks(total_wait / max(seconds, 1e-9)), final_loss=last_loss,
             world_size=ctx.world_size, trainable_parameters=num_trained, export=str(export) if export else None,
-            checkpoint=last_ckpt, resumed_from=resumed_from, losses=losses)
+            checkpoint=last_ckpt, resumed_from=resumed_from, losses=losses,
+            tensorboard=log.tensorboard_dir)
         if ctx.rank == 0:
             summary.write(self.out / "summary.json")
             for line in summary.lines():
@@ -274,7 +276,10 @@ class Trainer:
     def _sample(self, step: int, first: StepInputs, log: MetricsLogger) -> None:
         """A sample video from the fixed prompt and the first frame of the first clip this rank trained on.
         Every rank runs it (under ZeRO-3 the forward gathers weights collectively); rank 0 writes it."""
-        from training.media import to_uint8, write_mp4
+        import numpy as np
+        from PIL import Image
+
+        from training.media import to_uint8, write_contact_sheet, write_mp4
         from training.sampler import sample_long
 
         c, model = self.config, self.model
@@ -297,8 +302,12 @@ class Trainer:
         if self.ctx.rank == 0:
             pixels = to_uint8(frames)
             path = write_mp4(self.out / "samples" / f"step_{step:08d}.mp4", pixels, fps=sampler.fps)
-            log.add_video("samples", torch.from_numpy(pixels).permute(0, 3, 1, 2), step, sampler.fps)
-            log.event(f"sample video {path}")
+            sheet = write_contact_sheet(path.with_name(path.stem + "_sheet.png"), pixels, columns=len(pixels),
+                                        title=[f"step {step} | prompt: {c.samples.prompt or '(none)'}",
+                                               f"seed {c.samples.seed} | {sampler.num_steps} steps"])
+            log.sample(path, torch.from_numpy(pixels).permute(0, 3, 1, 2), np.asarray(Image.open(sheet).convert("RGB")),
+                       step, sampler.fps)
+            log.event(f"sample video {path}, contact sheet {sheet.name}")
 
     def _full_state(self) -> dict[str, torch.Tensor] | None:
         """The trained module's full weights on rank 0 (ZeRO-3: gathered), None elsewhere."""

@@ -59,16 +59,50 @@ def write_mp4(path: str | Path, frames_THWC: np.ndarray, fps: float) -> Path:
     return path
 
 
-def write_contact_sheet(path: str | Path, frames_THWC: np.ndarray, columns: int, gap: int = 2) -> Path:
-    """Every frame in a grid, `columns` per row (one row per clip when columns = frames per clip)."""
+SHEET_MIN_SIDE = 128   # frames are scaled up (nearest, whole multiples) until their short side reaches this
+SHEET_LABEL_PX = 14
+
+
+def write_contact_sheet(path: str | Path, frames_THWC: np.ndarray, columns: int, gap: int = 4,
+                        title: list[str] = ()) -> Path:
+    """Every frame in a grid, `columns` per row (one row per clip when columns = frames per clip), each
+    labelled with its frame index, under `title` lines (prompt, seed, ...). Small frames are enlarged by a
+    whole factor with nearest-neighbour pixels, so a 32 px model's output is readable and unblurred."""
+    from PIL import ImageDraw, ImageFont
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t, h, w = frames_THWC.shape[:3]
+    scale = max(1, -(-SHEET_MIN_SIDE // min(h, w)))
+    fh, fw = h * scale, w * scale
     columns = max(1, min(columns, t))
     rows = -(-t // columns)
-    sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), 255, np.uint8)
+    font = ImageFont.load_default(size=SHEET_LABEL_PX)
+    line_h = SHEET_LABEL_PX + 4
+    width = max(columns * fw + (columns + 1) * gap, 320)
+    lines = [piece for text in title for piece in _wrap(text, font, width - 2 * gap)]
+    top = gap + len(lines) * line_h
+    cell_h = line_h + fh
+    sheet = Image.new("RGB", (width, top + rows * (cell_h + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, text in enumerate(lines):
+        draw.text((gap, gap + k * line_h), text, fill="black", font=font)
     for i, frame in enumerate(frames_THWC):
         r, c = divmod(i, columns)
-        sheet[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = frame
-    Image.fromarray(sheet).save(path)
+        x, y = gap + c * (fw + gap), top + r * (cell_h + gap)
+        draw.text((x, y), f"frame {i}", fill="#444444", font=font)
+        sheet.paste(Image.fromarray(frame).resize((fw, fh), Image.NEAREST), (x, y + line_h))
+    sheet.save(path)
     return path
+
+
+def _wrap(text: str, font, max_px: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if line and font.getlength(candidate) > max_px:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return [*lines, line]

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -81,6 +82,7 @@ class StageSummary:
     checkpoint: str | None
     resumed_from: str | None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    tensorboard: str | None = None  # the TensorBoard log folder, when one was written
 
     def lines(self) -> list[str]:
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
@@ -88,32 +90,35 @@ class StageSummary:
                 f"{format_duration(self.seconds)}, {int(self.samples)} samples ({self.samples_per_s:.1f}/s), data wait "
                 f"{self.data_wait_fraction:.1%}, final loss {loss}, {self.trainable_parameters / 1e6:.2f}M trained "
                 f"parameters" + (f", resumed from {self.resumed_from}" if self.resumed_from else ""),
-                f"  model: {self.export}   checkpoint: {self.checkpoint}"]
+                f"  model: {self.export}   checkpoint: {self.checkpoint}"] + \
+            ([f"  TensorBoard: tensorboard --logdir {self.tensorboard}"] if self.tensorboard else [])
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
 
 
 class MetricsLogger:
-    """Rank 0's sink: the printed line, OUT/metrics.jsonl, OUT/tensorboard/ (when the package is installed)."""
+    """Rank 0's sink: the printed line, OUT/metrics.jsonl, and the trackers of `report_to` (training/trackers.py:
+    OUT/tensorboard/, wandb, mlflow)."""
 
-    def __init__(self, out_dir: Path, total_steps: int, tensorboard: bool, rank: int) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, report_to: list[str], rank: int, run_name: str = "lvd",
+                 config: dict[str, Any] | None = None, project: str = "lvd") -> None:
         self.enabled = rank == 0
         self.total_steps = total_steps
-        self.writer = None
+        self.trackers = None
         self.jsonl = None
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out_dir / "metrics.jsonl", "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if report_to:
+            from training.trackers import Trackers
 
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:
-                print("lvd train: the tensorboard package is not installed; metrics go to metrics.jsonl only",
-                      flush=True)
+            self.trackers = Trackers(report_to, out_dir, run_name, config or {}, project)
+
+    @property
+    def tensorboard_dir(self) -> str | None:
+        return self.trackers.tensorboard_dir if self.trackers is not None else None
 
     def log(self, step: int, values: dict[str, Any], eta_s: float | None) -> None:
         if not self.enabled:
@@ -131,29 +136,20 @@ class MetricsLogger:
         assert self.jsonl is not None
         self.jsonl.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
         self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None:
-                    self.writer.add_scalar(f"train/{key}", value, step)
+        if self.trackers is not None:
+            self.trackers.scalars({k: v for k, v in values.items() if isinstance(v, (int, float))}, step)
 
     def event(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
 
-    def add_video(self, tag: str, frames_TCHW_uint8: torch.Tensor, step: int, fps: float) -> None:
-        if self.writer is None:
-            return
-        import importlib.util
-
-        # TensorBoard encodes videos with moviepy; without it the frames go in as images (the mp4 in
-        # OUT/samples is the record either way)
-        if importlib.util.find_spec("moviepy") is not None:
-            self.writer.add_video(tag, frames_TCHW_uint8[None], step, fps=max(1, int(fps)))
-        else:
-            self.writer.add_images(tag, frames_TCHW_uint8, step)
+    def sample(self, video: Path, frames_TCHW_uint8: torch.Tensor, sheet_HWC_uint8: np.ndarray, step: int,
+               fps: float) -> None:
+        if self.trackers is not None:
+            self.trackers.sample(video, frames_TCHW_uint8, sheet_HWC_uint8, step, fps)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    from common.verbosity import apply
     from training.train_config import TrainConfig
+
+    apply()  # the launching `lvd train -v/-q` passed its level in the environment
 
     try:
         config = load_recipe(TrainConfig, args.recipe, args.overrides)

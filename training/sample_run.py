@@ -3,11 +3,13 @@ instructions, write an mp4, a contact sheet and the run's config next to them.""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from training.config import DiffusionConfig
 from training.export import load_pretrained
@@ -76,14 +78,20 @@ def run_sample(config: DiffusionConfig, request: SampleRequest, model: LatentVid
     first, last = latent_of(request.first_frame), latent_of(request.last_frame)
     down = mc.vae.downsample
     generator = torch.Generator(dev).manual_seed(request.seed)
+    # one step per network evaluation of the ODE, as diffusers pipelines count them (TQDM_DISABLE=1 or -q: none)
+    bar = tqdm(total=request.num_clips * config.sampler.num_steps, unit="step", desc="sample", file=sys.stderr)
     clips = sample_long(model.denoise, text, first, last, num_frames, request.num_clips, (height // down, width // down),
-                        config.sampler, mc.latent_channels, model.scaling_factor, generator)
+                        config.sampler, mc.latent_channels, model.scaling_factor, generator, on_step=bar.update)
+    bar.close()
     frames = join_clips([model.decode_latents(c, chunk_frames=14) for c in clips])[0]
 
     out = Path(request.out)
     pixels = to_uint8(frames)
     write_mp4(out, pixels, fps=config.sampler.fps)
-    sheet = write_contact_sheet(out.with_name(out.stem + "_sheet.png"), pixels, columns=num_frames)
+    title = [f"prompt: {request.prompt or '(none: unconditional)'}",
+             f"seed {request.seed} | {config.sampler.num_steps} steps | cfg {config.sampler.cfg_scale:g} | "
+             f"{height}x{width} | {request.num_clips} clip(s) of {num_frames} frames | {config.sampler.fps} fps"]
+    sheet = write_contact_sheet(out.with_name(out.stem + "_sheet.png"), pixels, columns=num_frames, title=title)
     from common.runinfo import write_run_info
 
     run_dir = out.with_name(out.stem + "_run")

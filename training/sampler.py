@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 import torch
@@ -97,10 +97,11 @@ class SamplerConfig(Config):
 
 
 def ode_sample(denoise: StepDenoiser, noise_BTCHW: torch.Tensor, sigmas: torch.Tensor,
-               heun: bool = False) -> torch.Tensor:
+               heun: bool = False, on_step: Callable[[], Any] | None = None) -> torch.Tensor:
     """Solves the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigmas[0] down to 0.
 
-    `noise_BTCHW` is unit Gaussian noise; the start is sigmas[0] * noise (EDM)."""
+    `noise_BTCHW` is unit Gaussian noise; the start is sigmas[0] * noise (EDM). `on_step` is called after
+    each step (a progress bar's update)."""
     x = noise_BTCHW * sigmas[0]
     b = x.shape[0]
     for i in range(len(sigmas) - 1):
@@ -111,6 +112,8 @@ def ode_sample(denoise: StepDenoiser, noise_BTCHW: torch.Tensor, sigmas: torch.T
             d_next = (x_next - denoise(x_next, s_next.expand(b), i)) / s_next
             x_next = x + (s_next - s) * (d + d_next) / 2
         x = x_next
+        if on_step is not None:
+            on_step()
     return x
 
 
@@ -155,7 +158,8 @@ def _randn(shape, generator: torch.Generator | None, device, dtype) -> torch.Ten
 
 
 def sample_clip(denoise: DenoiseFn, request: ClipRequest, config: SamplerConfig, latent_channels: int,
-                scaling_factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
+                scaling_factor: float, generator: torch.Generator | None = None,
+                on_step: Callable[[], Any] | None = None) -> torch.Tensor:
     """Samples one clip's latents (B T C H W, scaled) from text and image instructions."""
     text = request.text_BLD
     b, dev, dtype = text.shape[0], text.device, torch.float32  # the ODE state stays float32 whatever the UNet runs in
@@ -178,13 +182,13 @@ def sample_clip(denoise: DenoiseFn, request: ClipRequest, config: SamplerConfig,
         uncond = cond.without_text() if config.guidance == "text" else cond.without_text().without_images()
     guided = GuidedDenoiser(denoise, cond, uncond, scales, config.last_frame_steps())
     noise = _randn((b, t, latent_channels, h, w), generator, dev, dtype)
-    return ode_sample(guided, noise, config.sigmas().to(dev), heun=config.heun)
+    return ode_sample(guided, noise, config.sigmas().to(dev), heun=config.heun, on_step=on_step)
 
 
 def sample_long(denoise: DenoiseFn, text_BLD: torch.Tensor, first_BCHW: torch.Tensor | None,
                 last_BCHW: torch.Tensor | None, num_frames: int, num_clips: int, latent_hw: tuple[int, int],
                 config: SamplerConfig, latent_channels: int, scaling_factor: float,
-                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                generator: torch.Generator | None = None, on_step: Callable[[], Any] | None = None) -> list[torch.Tensor]:
     """Autoregressive long video: each clip's last generated frame is the next clip's first-frame
     instruction. `last_BCHW` (where the video should end) guides the final clip. Returns the clips' latents;
     `join_clips` drops each later clip's first frame, which re-generates the previous clip's last frame."""
@@ -196,7 +200,7 @@ def sample_long(denoise: DenoiseFn, text_BLD: torch.Tensor, first_BCHW: torch.Te
     first = first_BCHW
     for k in range(num_clips):
         request = ClipRequest(text_BLD, first, last_BCHW if k == num_clips - 1 else None, num_frames, latent_hw)
-        clip = sample_clip(denoise, request, config, latent_channels, scaling_factor, generator)
+        clip = sample_clip(denoise, request, config, latent_channels, scaling_factor, generator, on_step)
         clips.append(clip)
         first = clip[:, -1]
     return clips

@@ -176,8 +176,26 @@ class CheckpointConfig(Config):
 
 class LoggingConfig(Config):
     every: int = 10
-    """One metrics line (and TensorBoard scalars) every this many steps, from rank 0."""
-    tensorboard: bool = True
+    """One metrics line (and the trackers' scalars) every this many steps, from rank 0."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Trackers that get the metrics, sample videos and contact sheets besides OUT/metrics.jsonl, as
+    diffusers' training scripts' --report_to: tensorboard (OUT/tensorboard/), wandb, mlflow; [] for none.
+    lvd requires none of these packages; naming one that is not installed is an error before training."""
+    project: str = "lvd"
+    """The wandb project / mlflow experiment the stage's run goes to (the run is named after the stage)."""
+
+    @pydantic.field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @pydantic.field_validator("report_to")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        from training.trackers import check_installed
+
+        check_installed(v)
+        return list(dict.fromkeys(v))
 
 
 class SamplesConfig(Config):

@@ -198,9 +198,15 @@ class RayJobManifest:
 
     def text(self) -> str:
         docs = [d for d in (self.configmap(), self.rayjob()) if d is not None]
-        head = (f"# lvd job {self.spec.name}: {self.spec.display()}\n"
-                "# written by `lvd submit --backend kuberay`; lvd creates the RayJob first and then the ConfigMap "
-                "owned by it.\n")
+        name = self.spec.name
+        head = (f"# lvd job {name}: {self.spec.display()}\n"
+                "# Written by `lvd submit --backend kuberay --dry-run`. `kubectl apply -f THIS_FILE` starts the same "
+                "job, with two differences:\n"
+                "# `lvd submit` makes the ConfigMap owned by the RayJob (an ownerReference needs the RayJob's uid, "
+                "known once it exists),\n"
+                f"# so deleting the job deletes it; here delete both yourself: `kubectl delete -f THIS_FILE` (or "
+                f"`kubectl delete rayjob,configmap -l lvd.job={name}`).\n"
+                "# And `lvd jobs` does not list a job applied this way (use kubectl get rayjob).\n")
         return head + yaml.safe_dump_all(docs, sort_keys=False, width=120)
 
 

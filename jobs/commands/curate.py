@@ -8,7 +8,8 @@ import sys
 from jobs.commands.common_args import add_ray_args, add_recipe_args
 
 EPILOG = """examples:
-  lvd curate recipes/curation/default.yaml --set inputs=[videos/] --set output=runs/cur1
+  lvd curate recipes/curation/cpu_fast.yaml --set inputs=[videos/] --set output=runs/cur1   # any CPU, no weights
+  lvd curate recipes/curation/default.yaml --set inputs=[videos/] --set output=runs/cur1    # GPUs + weights
   lvd curate recipes/curation/default.yaml --set output=runs/cur1 --rethreshold --set thresholds.motion_score.min=0.01
   lvd curate recipes/curation/default.yaml --address ray://head:10001 --set inputs=[s3://bucket/raw/]
 
@@ -27,8 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and dedup settings (decodes nothing; rewrites decisions/ only, keeps the run's "
                         "config.yaml and inputs, prints what changed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show Ray's own log lines (by default they go to OUTPUT/logs/ray.log)")
     p.set_defaults(run=run)
 
 
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from curation.config import CurationConfig
     from curation.inputs import check_paths
     from curation.ledger import Ledger
-    from curation.pipeline import finalize, print_funnel, ray_session, run_curation
+    from curation.pipeline import check_models, finalize, print_funnel, ray_session, run_curation
 
     config = load_recipe(CurationConfig, args.recipe, args.overrides)
     if args.rethreshold:
@@ -54,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
         summary.num_done_before = summary.funnel[0]["count"]
     else:
         check_paths(config.inputs, config.output, config.inputs_missing, local=args.address is None)  # before writing
+        found = check_models(config, args.recipe)  # before anything is written: a run that cannot start leaves no folder
         write_run_info(config.output, config, "curate", {"address": args.address})
-        summary = run_curation(config, address=args.address, progress=not args.no_progress, verbose=args.verbose)
+        summary = run_curation(config, address=args.address, progress=not args.no_progress, verbose=args.verbose,
+                               found=found)
     print_funnel(summary)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 EPILOG = """examples:
@@ -16,6 +17,10 @@ EPILOG = """examples:
   lvd models recipes/curation/default.yaml --download       # needs network; fills the Hugging Face cache
 
 exit status: 0 when everything is present, 1 when something is missing."""
+
+
+INDENT = " " * 18
+WIDTH = 100  # long sources and notes wrap under the role instead of running off the terminal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +63,7 @@ def recipe_checkpoints(recipe: str, overrides: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.checkpoints import MissingCheckpoint, download, is_hf, is_random_stand_in, resolve
+    from common.checkpoints import KNOWN_SIZES, MissingCheckpoint, download, is_hf, is_random_stand_in, resolve
 
     missing = 0
     for recipe in args.recipes:
@@ -68,18 +73,21 @@ def run(args: argparse.Namespace) -> int:
             try:
                 path = download(spec) if args.download and is_hf(spec.source) else resolve(spec)
                 state = "random stand-in" if is_random_stand_in(Path(path)) else "present"
-                where = str(path)
+                where = f"-> {path}" if Path(path) != Path(spec.source).absolute() else ""
             except MissingCheckpoint as e:
                 missing += 1
-                state, where = "MISSING", str(e)
+                state, where = "MISSING", e.problem
             except Exception as e:  # noqa: BLE001 - a failed download is reported per checkpoint
                 missing += 1
                 state, where = "MISSING", f"download failed: {type(e).__name__}: {e}"
-            print(f"  {state:<15} {spec.role:<28} {spec.source}")
-            if spec.note:
-                print(f"  {'':<15} {'':<28} {spec.note}")
-            if Path(where) != Path(spec.source).absolute():
-                print(f"  {'':<15} {'':<28} -> {where}")
+            size = KNOWN_SIZES.get(spec.source)
+            print(f"  {state:<15} {spec.role}" + (f" ({size})" if size and state == "MISSING" else ""))
+            for text in (spec.source, spec.note, where):
+                if text and text != spec.role:
+                    print(textwrap.fill(text, WIDTH, initial_indent=INDENT, subsequent_indent=INDENT + "  ",
+                                        break_on_hyphens=False))
     if missing:
-        print(f"{missing} checkpoint{'s' if missing != 1 else ''} missing", file=sys.stderr)
+        first = args.recipes[0] if len(args.recipes) == 1 else "RECIPE"
+        print(f"{missing} checkpoint{'s' if missing != 1 else ''} missing: `lvd models {first} --download` "
+              "fetches the hf-hub: ones (needs network)", file=sys.stderr)
     return 1 if missing else 0

@@ -1,5 +1,6 @@
 """`lvd precompute`: shards -> the same shards with VAE latents and text-tower states added, encoded on Ray
-tasks, so that training skips decoding and encoding (training/precompute.py)."""
+tasks, so that training skips decoding and encoding (`lvd train` loads them by default: the stage
+recipe's data.shards.latents is auto)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`lvd shards`: curation run -> WebDataset shards + manifest; verify, stats, subset queries.
 
-The training loader (shards.loader.ShardLoader) reads what these commands write; its throughput
-benchmark is `python -m shards.bench`."""
+`lvd train` reads what these commands write (stage recipes select a subset by query); the loader's
+throughput benchmark is `lvd bench loader`."""
 
 from __future__ import annotations
 
@@ -27,12 +27,20 @@ shard-GGGGGG-NNNNN.tar, video by video within the file. Shards are written under
 renamed when complete; re-running the same command after an interruption resumes shard by shard and
 produces the same shards."""
 
-QUERY_EPILOG = """query syntax (see shards/query.py):
+QUERY_EPILOG = """query syntax (no arithmetic; keywords in any case):
+  COLUMN OP VALUE                 OP: < <= > >= == != =; VALUE: a column, a number, 'text', or a percentile
+  COLUMN [not] between A and B    (inclusive)
+  COLUMN [not] in ('a', 'b')
+  COLUMN is [not] null
+  a boolean column (keep, pass_motion_score), not, and, or, ( )
+  percentile(COLUMN, Q) or its short form pct(COLUMN, Q): the Q-th percentile of the column over every
+  sample of the manifest that has a value (as curation's drop_bottom_pct), not over the rows other
+  conditions leave. A comparison with a missing value is false (`x is null` finds those samples).
+e.g.
   aesthetic >= 5 and motion_score between 0.01 and 0.3 and text_area < 0.07
-  keep and aesthetic >= percentile(aesthetic, 20)        (SVD-style: drop the bottom 20%)
+  keep and aesthetic >= pct(aesthetic, 20)               (SVD-style: drop the bottom 20%)
   video_id in ('a1b2', 'c3d4') or not pass_motion_score
   motion_bucket is not null
-Percentiles are over every sample of the manifest that has the score; a missing score fails a comparison.
 
 examples:
   lvd shards query shards/cur1 "aesthetic >= 5 and text_area < 0.07" --out stage3.parquet

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_VIDEOS = Path(__file__).resolve().parents[2].parent / "shared" / "videos"
+# beside the repository; LVD_SHARED_VIDEOS points elsewhere (a git worktree lives one level deeper)
+SHARED_VIDEOS = Path(os.environ.get("LVD_SHARED_VIDEOS") or Path(__file__).resolve().parents[2].parent / "shared" / "videos")
 
 
 def shared_video(rel: str) -> Path:

@@ -107,11 +107,33 @@ def test_missing_checkpoints_stop_the_run_before_any_decode(tmp_path, videos, ti
     with pytest.raises(MissingCheckpoint) as err:
         pipeline.run_curation(config, progress=False)
     msg = str(err.value)
-    assert "nothing was decoded" in msg
-    assert f"clip.checkpoint: checkpoint {tmp_path / 'no_such_clip'} not found" in msg
-    assert "caption.summary.model: the nobody/no-such-lm repository is not in the Hugging Face cache" in msg
-    assert "hf download nobody/no-such-lm" in msg
+    assert "missing here; nothing was started" in msg
+    lines = msg.splitlines()
+    assert [ln.split() for ln in lines if "clip.checkpoint" in ln] == [["clip.checkpoint", f"{tmp_path / 'no_such_clip'}",
+                                                                        "not", "found"]]
+    assert [ln.split() for ln in lines if "caption.summary.model" in ln] == [["caption.summary.model", "?",
+                                                                              "hf-hub:nobody/no-such-lm"]]
     assert not (tmp_path / "run" / "ledger").exists()
+
+
+def test_missing_weights_error_names_the_recipe_sizes_and_the_cpu_recipe(tmp_path, capsys):
+    """The default recipe on a machine without weights: one grouped message with the real recipe path, the
+    known download sizes and the CPU recipe, and no output folder left behind (nothing ran)."""
+    from jobs.cli import main
+
+    out = tmp_path / "run"
+    recipe = "recipes/curation/default.yaml"
+    rc = main(["curate", recipe, "--set", f"inputs=[{tmp_path}]", "--set", f"output={out}",
+               "--set", f"clip.checkpoint={tmp_path / 'no_clip'}",
+               "--set", "caption.summary.model=hf-hub:Qwen/Qwen2.5-1.5B-Instruct"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists(), err
+    assert "RECIPE" not in err and f"lvd models {recipe} --download" in err
+    assert "recipes/curation/cpu_fast.yaml" in err
+    assert [ln.split()[:3] for ln in err.splitlines() if "caption.summary.model" in ln] == \
+        [["caption.summary.model", "~3.1", "GB"]]
+    assert err.count("clip.checkpoint") == 1 and err.count("Hugging Face cache") == 1
+    assert max(len(ln) for ln in err.splitlines() if "hf-hub:" not in ln and str(tmp_path) not in ln) <= 100, err
 
 
 def test_a_gpu_request_the_cluster_cannot_meet(tmp_path, videos, tiny, capsys):
@@ -147,6 +169,15 @@ def test_lvd_models_lists_what_a_recipe_needs(tmp_path, tiny, capsys):
     captured = capsys.readouterr()
     assert "MISSING" in captured.out and f"{tmp_path / 'gone'} not found" in captured.out
     assert "1 checkpoint missing" in captured.err
+
+
+def test_lvd_models_lines_fit_a_terminal(capsys):
+    from jobs.cli import main
+
+    assert main(["models", "recipes/curation/default.yaml"]) == 1  # no weights in the test environment
+    out = capsys.readouterr().out
+    assert "caption.image.checkpoint (~2.6 GB)" in out
+    assert max(map(len, out.splitlines())) <= 100, out
 
 
 def test_lvd_models_reads_training_recipes(capsys):

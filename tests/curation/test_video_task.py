@@ -112,3 +112,33 @@ def test_a_clip_cut_is_bounded_and_counts_as_progress(monkeypatch):
     assert (code, stderr) == (-1, "timeout: no clip within 2 s") and time.monotonic() - t < 10
     assert len(beats) >= 2 and max(b - a for a, b in zip(beats, beats[1:])) < 1.5
     assert video_task._run_ffmpeg(["sh", "-c", "echo bad >&2; exit 3"], limit_s=10) == (3, "bad\n")
+
+
+def test_dropped_clips_get_a_thumbnail_strip_of_their_own_frames(tmp_path):
+    """A half-second shot between two cuts is dropped as too short; its strip still shows that shot (the
+    report lets a user check the cut decision), in both key-frame modes, also when no sample (every 48
+    frames) lies inside it."""
+    import cv2
+    import numpy as np
+
+    from curation.config import CurationConfig
+    from curation.media import DecodeStats, decode_frames, probe
+    from curation.synthetic import hard_cuts
+    from curation.video_task import prepare, process_video
+
+    path = write_video(tmp_path / "shots.mp4", hard_cuts([50, 62], 120), 24)
+    stats = DecodeStats()
+    frames = {i: f for i, _, f in decode_frames(str(path), probe(str(path)), 128, stats)}
+    shot_colour = {k: frames[i].reshape(-1, 3).mean(0) for k, i in ((0, 20), (1, 56), (2, 90))}
+    for mode in ("sampled", "exact"):
+        cfg = CurationConfig.model_validate({"output": str(tmp_path / mode), "clips": {"mode": "none"},
+                                             "cuts": {"clip_min_s": 1.0, "clip_max_s": 4.0},
+                                             "decode": {"key_frames": mode, "key_frame_fps": 0.5}})
+        out = process_video(str(path), "v", prepare(str(path), cfg.decode.max_pixels), cfg, str(tmp_path / mode))
+        dropped = [c for c in out.clips if c["status"] == "dropped"]
+        assert [(c["start_frame"], c["end_frame"]) for c in dropped] == [(52, 60)], out.clips
+        assert all(c.get("thumb_path") for c in out.clips), mode
+        strip = cv2.imread(str(tmp_path / mode / dropped[0]["thumb_path"]))[..., ::-1]
+        colour = strip.reshape(-1, 3).mean(0)
+        nearest = min(shot_colour, key=lambda k: np.abs(shot_colour[k] - colour).sum())
+        assert nearest == 1, (mode, colour, shot_colour)

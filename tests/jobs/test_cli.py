@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,8 @@ import pytest
 from jobs.cli import COMMANDS, build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
+# a file of the source tree or a module run with python -m: help pages name lvd commands instead
+SOURCE_REF = re.compile(r"[\w/]+\.py\b|python -m ")
 
 
 def _subcommand_paths(parser, prefix=()):
@@ -26,6 +29,37 @@ def test_every_command_has_help(path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: lvd") and len(out) > 200
+    # help points to lvd commands, never into the source tree
+    assert not SOURCE_REF.findall(out), SOURCE_REF.findall(out)
+    leaf = not any(p[:len(path)] == path and len(p) > len(path) for p in _subcommand_paths(build_parser()))
+    if path and leaf:
+        assert "-v, --verbose" in out and "-q, --quiet" in out
+
+
+def test_version_names_the_package_version_and_revision(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"lvd {importlib.metadata.version('lvd')} (git ")
+
+
+def test_verbosity_flags_set_the_level_subprocesses_inherit(monkeypatch, tmp_path, capsys):
+    import logging
+
+    from common import verbosity
+
+    for name in (verbosity.ENV, "TQDM_DISABLE"):  # set, then removed: undone at teardown whatever main() sets
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    ds = logging.getLogger("DeepSpeed")
+    for flags, level, warning_shown in (([], "normal", False), (["-v"], "verbose", True), (["-q"], "quiet", False)):
+        main(["report", str(tmp_path / "none"), *flags])
+        assert verbosity.level() == level
+        record = logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, "Setting accelerator to CPU", None, None)
+        assert ds.filter(record) == warning_shown
+    capsys.readouterr()
 
 
 def test_every_registered_command_is_listed():

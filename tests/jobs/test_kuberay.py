@@ -55,6 +55,20 @@ def _assert_rayjob_shape(job: dict) -> None:
     assert {6379, 8265, 10001} <= ports
 
 
+def test_dry_run_is_applicable_with_kubectl_and_says_how_it_differs(project, capsys):
+    """What --dry-run prints goes to `kubectl apply -f` as it is: plain manifests (the ConfigMap without the
+    ownerReference only a real submit can give it), and the header says what differs and how to clean up."""
+    assert main(["submit", "--backend", "kuberay", "--dry-run", "--image", "lvd:1", "--",
+                 "curate", "recipes/cur.yaml"]) == 0
+    out = capsys.readouterr().out
+    configmap, job = yaml.safe_load_all(out)
+    assert "ownerReferences" not in configmap["metadata"]
+    assert configmap["metadata"]["labels"]["lvd.job"] == job["metadata"]["labels"]["lvd.job"]
+    head = [line for line in out.splitlines() if line.startswith("#")]
+    assert any("kubectl apply -f THIS_FILE" in line for line in head)
+    assert any("kubectl delete -f THIS_FILE" in line and f"lvd.job={job['metadata']['name']}" in line for line in head)
+
+
 def test_curation_rayjob_ships_the_recipe_and_joins_its_cluster(project, capsys):
     docs = _dry_run(capsys, "--image", "registry.example/lvd:0.1", "--nodes", "4", "--cpus-per-node", "8",
                     "--mem", "32Gi", "--volume", "datasets:/data", "--env", "HF_HUB_OFFLINE=1", "--",
@@ -104,7 +118,7 @@ def test_a_newline_in_a_value_cannot_escape_the_manifest_comment(project, capsys
     text = capsys.readouterr().out
     lines = text.splitlines()
     first = next(i for i, line in enumerate(lines) if not line.startswith("#"))
-    assert first == 2 and lines[first] == "apiVersion: v1"
+    assert first == 5 and lines[first] == "apiVersion: v1"
     docs = list(yaml.safe_load_all(text))
     assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
     assert shlex.split(docs[1]["spec"]["entrypoint"])[4] == 'output="/data/x\nkind: Secret"'

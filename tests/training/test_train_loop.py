@@ -33,7 +33,7 @@ def _eval_loss(model, config: TrainConfig) -> float:
     return sum(losses) / len(losses)
 
 
-def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path):
+def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path, capsys):
     from jobs.cli import main as lvd
     from training.export import load_pretrained
     from training.loop import Trainer, load_initial_model
@@ -42,7 +42,7 @@ def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path):
     config = validate(TrainConfig, stage_tree(
         out, synthetic_data(num_samples=2, batch_size=2), steps=40, deepspeed={"zero_stage": 1},
         optimizer={"lr": 3e-3}, schedule={"warmup_steps": 4, "decay": "constant"}, export={"ema": False},
-        checkpoint={"every": 20, "keep_last": 1}, logging={"every": 10, "tensorboard": True},
+        checkpoint={"every": 20, "keep_last": 1}, logging={"every": 10, "report_to": "tensorboard"},
         samples={"every": 20, "prompt": "a red square moves right", "num_steps": 3}))
     before = _eval_loss(load_initial_model(config), config)
     summary = Trainer(config).run()
@@ -59,6 +59,17 @@ def test_loss_falls_on_a_tiny_fixed_dataset_and_the_export_samples(tmp_path):
     assert sorted(p.name for p in (out / "samples").glob("*.mp4")) == ["step_00000020.mp4", "step_00000040.mp4"]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000040"]  # keep_last: 1
     assert (out / "config.yaml").is_file() and (out / "run.json").is_file()
+    printed = capsys.readouterr().out
+    assert f"checkpoint {out / 'checkpoints' / 'step_00000020'} removed (checkpoint.keep_last: 1)" in printed
+    assert f"  TensorBoard: tensorboard --logdir {out / 'tensorboard'}" in printed.splitlines()
+    # the sample videos and their contact sheets are TensorBoard media, next to the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("samples/contact_sheet")] == [20, 40]
+    assert "samples" in events.Tags()["images"] and "train/loss" in events.Tags()["scalars"]
+    assert sorted(p.name for p in (out / "samples").glob("*_sheet.png")) == ["step_00000020_sheet.png",
+                                                                             "step_00000040_sheet.png"]
 
     assert lvd(["sample", "--model", str(out), "--prompt", "a red square", "--steps", "3",
                 "--out", str(tmp_path / "s.mp4")]) == 0

@@ -44,7 +44,7 @@ def stage_tree(output: Path, data: dict[str, Any], **over: Any) -> dict[str, Any
         "objective": {"p_mean": 0.0, "p_std": 1.2}, "data": data, "optimizer": {"lr": 1e-3},
         "schedule": {"warmup_steps": 2, "decay": "cosine", "min_lr_ratio": 0.2},
         "deepspeed": {"zero_stage": 2, "precision": "fp32"}, "ema": {"decay": 0.9},
-        "checkpoint": {"every": 3, "keep_last": 0}, "logging": {"every": 1, "tensorboard": False}}
+        "checkpoint": {"every": 3, "keep_last": 0}, "logging": {"every": 1, "report_to": []}}
     for key, value in over.items():
         tree[key] = {**tree[key], **value} if isinstance(value, dict) and isinstance(tree.get(key), dict) else value
     return tree
