@@ -77,7 +77,7 @@ def test_embedded_curation_listens_on_loopback_only(tmp_path):
 def test_local_training_listens_on_loopback_only(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", stage_tree(
         tmp_path / "out", synthetic_data(num_samples=2, batch_size=2), steps=4, deepspeed={"zero_stage": 2},
-        checkpoint={"every": 2}, logging={"every": 1, "tensorboard": False}))
+        checkpoint={"every": 2}, logging={"every": 1, "report_to": []}))
     seen, out = _listening_while_running([sys.executable, "-m", "jobs.cli", "train", str(recipe)])
     assert "steps 0->4 on 1 rank(s)" in out, out[-2000:]
     assert _not_loopback(seen) == {}

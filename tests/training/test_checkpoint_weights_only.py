@@ -41,7 +41,7 @@ def stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage")
     recipe = write_recipe(root / "recipe.yaml", stage_tree(
         root / "out", synthetic_data(num_samples=2, batch_size=2), steps=2, export={"ema": False},
-        checkpoint={"every": 2}, logging={"every": 1, "tensorboard": False}))
+        checkpoint={"every": 2}, logging={"every": 1, "report_to": []}))
     assert lvd(["train", str(recipe)]) == 0
     return recipe, root / "out"
 
