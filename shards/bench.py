@@ -123,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lvd-bench-loader-", dir=args.dir) as tmp:
         lines = run(Path(tmp), args)
     print("\n".join(lines))

@@ -10,7 +10,7 @@ manifest's per-sample crc32 catches one in the data.
 from __future__ import annotations
 
 import tarfile
-import zlib
+from isal import isal_zlib
 
 from shards.names import key_problem, member_problem
 
@@ -115,4 +115,6 @@ def _header(block: bytes, pos: int) -> tuple[str, int, bytes]:
 
 
 def crc32(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+    """zlib's CRC-32 (the manifest's checksums), computed by ISA-L: the loader checks every member it reads, and
+    zlib's own runs at ~1-2 GB/s here, slower than a page-cache read."""
+    return isal_zlib.crc32(data) & 0xFFFFFFFF
