@@ -97,8 +97,7 @@ def make_bench_videos(out_dir: Path, num_videos: int, seconds: float, height: in
 
 
 def run_bench(config: CurationConfig, videos: list[Path], workers: int) -> BenchResult:
-    import ray
-
+    from common.local_ray import local_ray
     from curation.pipeline import run_curation
 
     with PeakMemory() as mem_decode:
@@ -108,15 +107,12 @@ def run_bench(config: CurationConfig, videos: list[Path], workers: int) -> Bench
         decode_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="lvd-bench-") as out, PeakMemory() as mem_pipe:
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="WARNING")
-        ray_start_s = time.perf_counter() - t0
-        try:
+        with local_ray(num_cpus=workers, include_dashboard=False, logging_level="WARNING"):
+            ray_start_s = time.perf_counter() - t0
             config = config.model_copy(update={"inputs": [str(v) for v in videos], "output": out})
             t0 = time.perf_counter()
             summary = run_curation(config, progress=False)
             pipeline_s = time.perf_counter() - t0
-        finally:
-            ray.shutdown()
     num_clips = next(s["count"] for s in summary.funnel if s["step"] == "clips")
     return BenchResult(len(videos), num_frames, num_clips, workers, decode_s, pipeline_s, ray_start_s,
                        mem_decode.peak_mb, mem_pipe.peak_mb)

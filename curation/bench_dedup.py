@@ -113,8 +113,7 @@ def run_search(folder: Path, files: list[str], samples: list[str], n: int, confi
 
 
 def run_bench(clips: int, dim: int, json_path: str | None, work_dir: str | None = None, say=print) -> dict[str, Any]:
-    import ray
-
+    from common.local_ray import local_ray
     from curation.bench import PeakMemory
 
     config = DedupConfig()
@@ -131,8 +130,7 @@ def run_bench(clips: int, dim: int, json_path: str | None, work_dir: str | None 
                                                   sample_fraction(config, len(sub)))
         del vectors
         say(f"  {time.monotonic() - t0:.1f} s")
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR")
-        try:
+        with local_ray(num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR"):
             with PeakMemory() as peak:
                 found, wall = run_search(root / "full", files, samples, clips, config)
             say(f"search: {found.funnel_path()}: {found.dropped} dropped in {wall:.1f} s, peak RSS {peak.peak_mb:.0f} MB")
@@ -145,8 +143,6 @@ def run_bench(clips: int, dim: int, json_path: str | None, work_dir: str | None 
             exact, sub_exact_s = run_search(root / "sub", sub_files, [], len(sub),
                                             config.model_copy(update={"all_pairs_max": len(sub)}))
             want_exact = decisions(root / "sub" / "near")
-        finally:
-            ray.shutdown()
     sub_ids = [ids[i] for i in sub]
     agree = sum(_same(want_clustered.get(c), want_exact.get(c)) for c in sub_ids) / max(len(sub_ids), 1)
     say(f"agreement with the exact all-pairs path on {len(sub_ids)} clips: {agree:.6f} "

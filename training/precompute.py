@@ -32,6 +32,7 @@ import pydantic
 
 from common.config import Config
 from common.local_ray import local_ray
+from common.verbosity import ray_logging_level
 
 
 class PrecomputeConfig(Config):
@@ -264,10 +265,11 @@ def _ray(config: PrecomputeConfig, address: str | None) -> Iterator[None]:
     import ray
 
     if not address:
-        with local_ray(num_cpus=max(config.workers, 1), include_dashboard=False, logging_level="WARNING"):
+        with local_ray(num_cpus=max(config.workers, 1), include_dashboard=False,
+                       logging_level=ray_logging_level()):
             yield
         return
-    ray.init(address=address, logging_level="WARNING")
+    ray.init(address=address, logging_level=ray_logging_level())
     try:
         yield
     finally:

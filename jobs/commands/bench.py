@@ -118,6 +118,7 @@ def run_manifest(args: argparse.Namespace) -> int:
     if args.rows < 1000 or args.rows_per_file < 100:
         raise SystemExit(f"lvd bench manifest: --rows must be at least 1000 and --rows-per-file at least 100 "
                          f"(got {args.rows}, {args.rows_per_file})")
+    _make_work_dir(args.work_dir)
     run_bench(args.rows, args.json, args.work_dir, args.rows_per_file)
     return 0
 
@@ -128,6 +129,7 @@ def run_dedup(args: argparse.Namespace) -> int:
     if args.clips < 100 or args.dim < 2:
         raise SystemExit(f"lvd bench dedup: --clips must be at least 100 and --dim at least 2 "
                          f"(got {args.clips}, {args.dim})")
+    _make_work_dir(args.work_dir)
     run_bench(args.clips, args.dim, args.json, args.work_dir)
     return 0
 
@@ -141,6 +143,7 @@ def run_scale(args: argparse.Namespace) -> int:
         raise SystemExit(f"lvd bench scale: --videos takes numbers separated by commas, got {args.videos!r}")
     if not sizes or min(sizes) < 1:
         raise SystemExit("lvd bench scale: --videos needs at least one positive number, e.g. 10000,100000")
+    _make_work_dir(args.work_dir)
     run_bench(sizes, args.json, args.work_dir)
     return 0
 
@@ -168,3 +171,11 @@ def run_loader(args: argparse.Namespace) -> int:
     from shards.bench import run_bench
 
     return run_bench(args)
+
+
+def _make_work_dir(work_dir: str | None) -> None:
+    """--work-dir is created when missing (a temporary folder is made inside it)."""
+    if work_dir:
+        from pathlib import Path
+
+        Path(work_dir).mkdir(parents=True, exist_ok=True)

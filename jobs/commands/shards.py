@@ -154,11 +154,14 @@ def _ray_for(workers: int):
         return
     if not address:
         from common.local_ray import local_ray
+        from common.verbosity import ray_logging_level
 
-        with local_ray(num_cpus=workers, include_dashboard=False, logging_level="WARNING"):
+        with local_ray(num_cpus=workers, include_dashboard=False, logging_level=ray_logging_level()):
             yield
         return
-    ray.init(address=address, logging_level="WARNING")
+    from common.verbosity import ray_logging_level
+
+    ray.init(address=address, logging_level=ray_logging_level())
     try:
         yield
     finally:
