@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import multiprocessing as mp
+import os
 import signal
 import time
 import traceback
@@ -48,6 +49,9 @@ def _serve(conn, beat=None) -> None:  # the child's loop: one call at a time unt
     global _beat
     _beat = beat
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # a process group of its own, so that a kill also ends the programs a call started (the ffmpeg cutting a
+    # clip) instead of leaving them running without a parent
+    os.setpgid(0, 0)
     while True:
         try:
             fn, args, kwargs = conn.recv()
@@ -120,7 +124,11 @@ class IsolatedWorker:
             self._conn = None
         if proc is None:
             return None
-        if proc.is_alive():
+        try:  # the child and whatever it started (its group; still there when the child died first)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.is_alive():  # killed before it made its group
             proc.kill()
         proc.join(timeout=10)
         return proc.exitcode

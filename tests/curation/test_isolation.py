@@ -98,3 +98,39 @@ def test_decoding_a_video_beats_at_least_once_per_frame(tmp_path, monkeypatch):
     out = process_video(str(video), "v", prepare(str(video), cfg.decode.max_pixels), cfg, str(tmp_path / "run"))
     assert out.video["num_frames"] == 48
     assert beat.count >= 48
+
+
+def _start_a_program_and_hang(pid_file: str) -> None:
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "300"])
+    with open(pid_file, "w") as f:
+        f.write(str(proc.pid))
+    time.sleep(300)
+
+
+def test_a_killed_call_takes_the_programs_it_started_with_it(tmp_path):
+    """A call past its limit is killed with its process group: an ffmpeg it started is not left running."""
+    import os
+
+    pid_file = tmp_path / "pid"
+    worker = IsolatedWorker()
+    try:
+        out = worker.call(_start_a_program_and_hang, str(pid_file), timeout_s=3)
+        assert not out.ok and out.reason.startswith("timeout")
+        pid = int(pid_file.read_text())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            # a killed child that nobody waited for yet is a zombie: gone for our purpose
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"sleep {pid} started by the killed call is still running")
+    finally:
+        worker.close()
