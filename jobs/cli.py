@@ -11,7 +11,7 @@ from common.checkpoints import MissingCheckpoint
 from common.config import ConfigError
 
 # Module names under jobs.commands, in the order `lvd --help` lists them.
-COMMANDS = ("curate", "report", "ledger", "models", "shards", "precompute", "train", "sample", "bench", "submit", "jobs")
+COMMANDS = ("curate", "report", "ledger", "models", "shards", "precompute", "train", "calibrate", "sample", "bench", "submit", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,6 +91,7 @@ class Submittable:
 SUBMITTABLE: dict[str, Submittable] = {
     "curate": Submittable("ray", _recipe_command("curation.config:CurationConfig")),
     "train": Submittable("torch", _recipe_command("training.train_config:TrainConfig")),
+    "calibrate": Submittable("ray", _recipe_command("training.calibration.config:CalibrateConfig")),
     "sample": Submittable("single", _validate_sample),
     "precompute": Submittable("ray", _validate_precompute),
     "shards": Submittable("single", _no_recipe("out_dir")),
