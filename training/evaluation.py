@@ -2,8 +2,8 @@
 
 Every `eval.every` steps (and at the end) each held-out clip is noised at each of `eval.sigmas` with noise
 seeded by (eval.seed, the clip's key, the sigma's index), so two runs, two steps or two calibration arms see
-exactly the same noisy inputs and their losses compare directly. The conditions are fixed too: the clip's
-caption (no dropout), its first frame as the image instruction without noise augmentation (SVD's
+exactly the same noisy inputs and their losses compare directly, however the clips are batched. The
+conditions are fixed too: the clip's highest-weight caption (no dropout), its first frame as the image instruction without noise augmentation (SVD's
 image-to-video task), no last-frame instruction. The loss at a sigma is EDM's weighted loss (the unit-weight
 regression of the network onto its target), so the values of different sigmas are on one scale and their
 mean is the summary `eval_loss`.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pydantic
 import torch
 
@@ -92,6 +93,7 @@ class HeldOutEval:
         self.loader_config = heldout_loader_config(loader_config, config)
         self.encoders, self.module = encoders, module
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.captions: dict[str, str] | None = None
 
     def _batches(self) -> list[dict[str, Any]]:
         from shards.loader import ShardLoader
@@ -110,6 +112,8 @@ class HeldOutEval:
         if int(count) == 0:
             raise ValueError(f"the held-out set ({self.config.query or self.config.subset}) selects no clips; "
                              "check eval.query / eval.subset")
+        if self.captions is None:
+            self.captions = fixed_captions(self.loader_config.shards, [k for b in batches for k in b["key"]])
         filler = batches[0] if batches else None
         if filler is None:  # fewer held-out batches than ranks: this rank repeats one it does not count
             from shards.loader import ShardLoader
@@ -141,6 +145,8 @@ class HeldOutEval:
         from training.conditioning import Conditions, added_time_ids, instruction_latents, instructions_tensor
 
         model = self.module.full_model
+        # the loader draws one of a clip's captions per batch slot; the evaluation wants the same one always
+        batch = {**batch, "caption": [self.captions.get(k, "") for k in batch["key"]]}
         inputs = self.encoders(batch)
         x0 = inputs.latents_BTCHW
         b, t = x0.shape[:2]
@@ -160,6 +166,24 @@ class HeldOutEval:
             denoised = model.denoise(x0 + sigma * noise, sigma_B, cond)
             out.append(edm.weighted_loss(denoised.float(), x0.float(), sigma_B, model.config.precondition))
         return torch.stack(out)
+
+
+def fixed_captions(shards: str, keys: list[str]) -> dict[str, str]:
+    """key -> the clip's caption of highest weight (the first of equals), from the manifest."""
+    from shards.manifest import Manifest
+
+    samples = Manifest.load(shards).samples
+    if "captions" not in samples.columns or not keys:
+        return {}
+    pos = pd.Index(samples["key"]).get_indexer(keys)
+    found = pos >= 0
+    out = {}
+    for key, caps in zip(np.asarray(keys, dtype=object)[found], samples["captions"].iloc[pos[found]]):
+        caps = list(caps) if caps is not None else []
+        if caps:
+            best = max(range(len(caps)), key=lambda i: (float(caps[i].get("weight") or 0.0), -i))
+            out[key] = str(caps[best].get("text") or "")
+    return out
 
 
 def write_eval(path: Path, step: int, values: dict[str, float], config: EvalConfig) -> None:

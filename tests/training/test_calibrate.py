@@ -100,3 +100,33 @@ def test_calibration_ranks_the_corrupting_score_above_random_and_resumes(tmp_pat
     page = (out / "report.html").read_text()
     assert "say nothing about real quality" in page and page.count("<svg") == 1
     assert "motion_score-bottom-50" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[2] / "recipes/calibrate").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_arm_of_the_repo_recipes_is_a_valid_stage(recipe):
+    """A calibration recipe names a proxy stage recipe and overrides; every arm's resolved stage validates."""
+    from common.config import load_recipe
+    from training.calibration.arms import Arm
+    from training.calibration.config import CalibrateConfig
+    from training.calibration.runner import arm_config, proxy_tree
+
+    repo = Path(__file__).parents[2]
+    config = load_recipe(CalibrateConfig, recipe)
+    config = config.model_copy(update={"train": str(repo / config.train)})
+    stage = arm_config(config, Arm("baseline", "baseline", None, None, 0.0, 1, "all"), proxy_tree(config))
+    assert stage.data.shards.subset.endswith("arms/baseline/subset.parquet")
+    assert stage.eval.subset.endswith("heldout.parquet") and stage.eval.sigmas == config.heldout.sigmas
+    assert stage.init_from is None  # every arm starts from the same seeded random model
+
+
+def test_a_score_the_shards_lack_is_refused_before_training(tmp_path):
+    from jobs.cli import main
+
+    shards, _ = noisy_shards(tmp_path)
+    recipe = calibration_recipe(tmp_path, shards)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["scores"] = {"sharpness": {"direction": "bottom"}}
+    write_recipe(recipe, tree)
+    assert main(["calibrate", str(recipe)]) == 2
+    assert not (tmp_path / "calibration" / "arms").exists()

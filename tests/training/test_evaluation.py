@@ -1,0 +1,60 @@
+"""The held-out loss: fixed per clip and sigma (not per batch), and it tells a trained model from an untrained one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.training.conftest import build_tiny
+from tests.training.train_helpers import make_shards, shard_data
+
+
+def heldout_loss(shards, model, batch_size: int, seed: int = 0, sigmas=(0.2, 1.0, 5.0)) -> dict[str, float]:
+    from shards.config import LoaderConfig
+    from training.conditioning import ConditioningConfig
+    from training.edm import ObjectiveConfig
+    from training.evaluation import EvalConfig, HeldOutEval
+    from training.train_step import DenoiserTrainModule, FrozenEncoders
+
+    loader = LoaderConfig(**shard_data(shards, batch_size=4)["shards"])
+    config = EvalConfig(query="true", sigmas=list(sigmas), seed=seed, batch_size=batch_size)
+    module = DenoiserTrainModule(model, ObjectiveConfig(), ConditioningConfig())
+    encoders = FrozenEncoders(model, torch.device("cpu"), 127.0)
+    return HeldOutEval(config, loader, encoders, module, rank=0, world_size=1, device=torch.device("cpu")).run()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("eval"), num_clips=9)
+
+
+def test_heldout_loss_is_a_function_of_the_clips_not_of_batching(shards):
+    model = build_tiny()
+    one = heldout_loss(shards, model, batch_size=1)
+    three = heldout_loss(shards, model, batch_size=3)
+    assert one["eval_samples"] == three["eval_samples"] == 7  # 9 clips, of which fake_run drops 2 (every 4th)
+    for key in ("eval_loss", "eval_loss_sigma_0.2", "eval_loss_sigma_1", "eval_loss_sigma_5"):
+        assert one[key] == pytest.approx(three[key], rel=1e-4), key
+    assert one["eval_loss"] == pytest.approx((one["eval_loss_sigma_0.2"] + one["eval_loss_sigma_1"]
+                                              + one["eval_loss_sigma_5"]) / 3)
+    other_noise = heldout_loss(shards, model, batch_size=3, seed=1)
+    assert other_noise["eval_loss"] != pytest.approx(one["eval_loss"], rel=1e-6)
+
+
+def test_heldout_loss_differs_between_models(shards):
+    a = heldout_loss(shards, build_tiny(seed=0), batch_size=3)["eval_loss"]
+    b = heldout_loss(shards, build_tiny(seed=1), batch_size=3)["eval_loss"]
+    assert a != pytest.approx(b, rel=1e-3)
+
+
+def test_eval_needs_shards():
+    from common.config import ConfigError, validate
+    from training.train_config import TrainConfig
+    from tests.training.train_helpers import stage_tree, synthetic_data
+
+    tree = stage_tree("/tmp/unused", synthetic_data(), eval={"query": "true"})
+    with pytest.raises(ConfigError, match="need data.source=shards"):
+        validate(TrainConfig, tree)
+    tree = stage_tree("/tmp/unused", synthetic_data(), eval={"sigmas": [0.0, 1.0]})
+    with pytest.raises(ConfigError, match="positive noise levels"):
+        validate(TrainConfig, tree)
