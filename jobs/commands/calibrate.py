@@ -10,7 +10,7 @@ import argparse
 from jobs.commands.common_args import add_ray_args, add_recipe_args
 
 EPILOG = """examples:
-  lvd calibrate recipes/calibrate/tiny.yaml --set shards=demo-data/shards --set output=demo-data/calibrate
+  lvd calibrate recipes/calibrate/tiny.yaml --set shards=demo-data/shards-all --set output=demo-data/calibrate
   lvd calibrate recipes/calibrate/svd.yaml --address auto        # arms in parallel, one Ray task each
   lvd submit --backend slurm --nodes 8 --gpus-per-node 8 -- calibrate recipes/calibrate/svd.yaml
   lvd calibrate RECIPE --max-arms 2                                # train two arms now, the rest later

@@ -1,6 +1,6 @@
 """The calibration recipe (recipes/calibrate/*.yaml): which shards, which scores and fractions, which proxy.
 
-    lvd calibrate recipes/calibrate/tiny.yaml --set shards=demo-data/shards --set output=demo-data/calibrate
+    lvd calibrate recipes/calibrate/tiny.yaml --set shards=demo-data/shards-all --set output=demo-data/calibrate
 """
 
 from __future__ import annotations

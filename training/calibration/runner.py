@@ -73,7 +73,10 @@ def prepare(config: CalibrateConfig) -> tuple[list[tuple[Arm, TrainConfig]], int
     """Plans the arms, writes their subsets, validates every arm's stage recipe (before any training)."""
     from shards.manifest import Manifest
 
-    manifest = Manifest.load(config.shards)
+    try:
+        manifest = Manifest.load(config.shards)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"shards: {e}") from None
     heldout, arms = plan(config, manifest)
     proxy = proxy_tree(config)
     configs = [(arm, arm_config(config, arm, proxy)) for arm, _ in arms]
