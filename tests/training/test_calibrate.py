@@ -130,3 +130,33 @@ def test_a_score_the_shards_lack_is_refused_before_training(tmp_path):
     write_recipe(recipe, tree)
     assert main(["calibrate", str(recipe)]) == 2
     assert not (tmp_path / "calibration" / "arms").exists()
+
+
+@pytest.mark.slow
+def test_arms_run_as_ray_tasks(tmp_path):
+    """--address: one Ray task per arm (here a Ray started for the test and stopped after it)."""
+    import ray
+
+    from jobs.cli import main
+
+    shards, _ = noisy_shards(tmp_path)
+    recipe = calibration_recipe(tmp_path, shards)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        assert main(["calibrate", str(recipe), "--address", "auto"]) == 0
+    finally:
+        ray.shutdown()
+    result = json.loads((tmp_path / "calibration" / "results.json").read_text())
+    assert all(r["finished"] and r["eval_loss"] > 0 for r in result["arms"])
+
+
+def test_resuming_with_another_proxy_recipe_is_refused(tmp_path, capsys):
+    """Finished arms only compare with arms of the same proxy, held-out set and shards."""
+    from jobs.cli import main
+
+    shards, _ = noisy_shards(tmp_path)
+    recipe = calibration_recipe(tmp_path, shards)
+    assert main(["calibrate", str(recipe), "--max-arms", "0"]) == 0  # plans, trains nothing
+    assert (tmp_path / "calibration" / "arms" / "random-50" / "subset.parquet").is_file()
+    assert main(["calibrate", str(recipe), "--max-arms", "0", "--set", "train_set=[steps=30]"]) == 2
+    assert "holds a calibration with another proxy" in capsys.readouterr().err

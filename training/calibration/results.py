@@ -100,10 +100,11 @@ def write_outputs(config: CalibrateConfig, arms: list[Arm], num_heldout: int) ->
         writer.writeheader()
         writer.writerows(rows)
     paths["table"].write_text(markdown_table(rows, columns) + "\n")
+    sets = " ".join(f"--set thresholds.{s}.{k}={v:g}" for s, r in thresholds.items() for k, v in r.items())
+    apply = (f"# Apply without decoding: lvd curate RECIPE --set output=RUN --rethreshold {sets}\n" if sets
+             else "# No filter beat the baseline and its random control: nothing to apply.\n")
     header = (f"# lvd calibrate {config.name}: suggested curation thresholds ({finished}/{len(rows)} arms finished).\n"
-              f"# Apply without decoding: lvd curate RECIPE --set output=RUN --rethreshold "
-              + " ".join(f"--set thresholds.{s}.{k}={v:g}" for s, r in thresholds.items() for k, v in r.items())
-              + "\n" + "".join(f"# {s}: {w}\n" for s, w in why.items()))
+              + apply + "".join(f"# {s}: {w}\n" for s, w in why.items()))
     paths["thresholds"].write_text(header + yaml.safe_dump({"thresholds": thresholds}, sort_keys=False))
     paths["html"].write_text(render(config, result))
     return paths
