@@ -3,8 +3,9 @@
 Every `eval.every` steps (and at the end) each held-out clip is noised at each of `eval.sigmas` with noise
 seeded by (eval.seed, the clip's key, the sigma's index), so two runs, two steps or two calibration arms see
 exactly the same noisy inputs and their losses compare directly, however the clips are batched. The
-conditions are fixed too: the clip's highest-weight caption (no dropout), its first frame as the image instruction without noise augmentation (SVD's
-image-to-video task), no last-frame instruction. The loss at a sigma is EDM's weighted loss (the unit-weight
+conditions are fixed too: the clip's highest-weight caption (no dropout), its first frame as the image
+instruction without noise augmentation (SVD's image-to-video task), no last-frame instruction. The weights
+evaluated are the ones training (not the EMA). The loss at a sigma is EDM's weighted loss (the unit-weight
 regression of the network onto its target), so the values of different sigmas are on one scale and their
 mean is the summary `eval_loss`.
 

@@ -58,3 +58,25 @@ def test_eval_needs_shards():
     tree = stage_tree("/tmp/unused", synthetic_data(), eval={"sigmas": [0.0, 1.0]})
     with pytest.raises(ConfigError, match="positive noise levels"):
         validate(TrainConfig, tree)
+
+
+def test_heldout_loss_is_the_same_on_two_ranks_under_zero3(tmp_path):
+    """Ranks split the held-out clips unevenly (3 clips, 2 ranks: one rank repeats a batch it does not count)
+    and ZeRO-3 gathers weights in every forward: the loss is the one rank's. lr ~0: both runs keep the init."""
+    import json
+
+    from tests.training.train_helpers import python, run, stage_tree, write_recipe
+
+    shards = make_shards(tmp_path, num_clips=12)
+    result = {}
+    for n in (1, 2):
+        tree = stage_tree(tmp_path / f"out{n}", shard_data(shards, batch_size=1, image_ratio=0.0), steps=2,
+                          eval={"query": "clip_index == 0", "sigmas": [0.5, 2.0], "batch_size": 1, "every": 1},
+                          optimizer={"lr": 1e-12}, schedule={"warmup_steps": 0}, ema={"enabled": False},
+                          deepspeed={"zero_stage": 3})
+        run([python(), "-m", "jobs.cli", "train", str(write_recipe(tmp_path / f"r{n}.yaml", tree)), "--nproc", str(n)])
+        result[n] = json.loads((tmp_path / f"out{n}" / "eval.json").read_text())
+        records = (tmp_path / f"out{n}" / "eval.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in records] == [1, 2]  # every step, the last once
+    assert result[1]["eval_samples"] == result[2]["eval_samples"] == 3
+    assert result[2]["eval_loss"] == pytest.approx(result[1]["eval_loss"], rel=1e-5)
