@@ -34,7 +34,7 @@ def noisy_shards(root: Path) -> tuple[Path, set[str]]:
     return root / "shards", set(noise["clip_id"])
 
 
-def calibration_recipe(root: Path, shards: Path) -> Path:
+def calibration_recipe(root: Path, shards: Path, clip: bool = False) -> Path:
     proxy = stage_tree(root / "unused", shard_data(shards, batch_size=2, image_ratio=0.0, resolutions=[[32, 48]],
                                                     num_frames=[4]), steps=20)
     proxy.update(checkpoint={"every": 10, "keep_last": 1}, logging={"every": 10, "tensorboard": False})
@@ -44,6 +44,11 @@ def calibration_recipe(root: Path, shards: Path) -> Path:
             # held out: clean clips, what the model should be good at
             "heldout": {"num_samples": 6, "query": "motion_score >= pct(motion_score, 50)", "sigmas": [0.2, 1.0, 5.0]},
             "train": str(root / "proxy.yaml")}
+    if clip:  # the tiny random CLIP stand-in exercises the metric's code path
+        from curation.tiny_clip import write_tiny_open_clip
+
+        tree["clip"] = {"checkpoint": str(write_tiny_open_clip(root / "clip")), "prompts": ["a square", "noise"],
+                        "num_frames": 2, "size": [32, 48], "num_steps": 2}
     return write_recipe(root / "calibrate.yaml", tree)
 
 
@@ -51,7 +56,7 @@ def test_calibration_ranks_the_corrupting_score_above_random_and_resumes(tmp_pat
     from jobs.cli import main
 
     shards, noise = noisy_shards(tmp_path)
-    recipe = calibration_recipe(tmp_path, shards)
+    recipe = calibration_recipe(tmp_path, shards, clip=True)
     out = tmp_path / "calibration"
 
     # a calibration stopped after its first arm (as a kill after it finished would leave it)
@@ -97,6 +102,16 @@ def test_calibration_ranks_the_corrupting_score_above_random_and_resumes(tmp_pat
                            ["output=/tmp/x", *overrides])
     assert curation.thresholds["motion_score"].drop_bottom_pct == 50.0
     assert "--rethreshold --set thresholds.motion_score.drop_bottom_pct=50" in (out / "thresholds.yaml").read_text()
+    # the second metric ran on every arm, and is what the arm's exported model gives again
+    from training.calibration.clip_similarity import ClipSimilarityConfig, clip_similarity
+    from training.sampler import SamplerConfig
+
+    assert result["metrics"]["clip_similarity"].startswith("ran") and result["metrics"]["fvd"].startswith("not run")
+    sims = {r["arm"]: r["clip_similarity"] for r in result["arms"]}
+    assert all(-1.0 <= v <= 1.0 for v in sims.values()), sims
+    again = clip_similarity(first / "train" / "model", ClipSimilarityConfig(**yaml.safe_load(recipe.read_text())["clip"]),
+                            SamplerConfig())
+    assert again == pytest.approx(sims["baseline"], abs=1e-6)
     page = (out / "report.html").read_text()
     assert "say nothing about real quality" in page and page.count("<svg") == 1
     assert "motion_score-bottom-50" in (out / "results.md").read_text()

@@ -10,6 +10,7 @@ from typing import Literal
 import pydantic
 
 from common.config import Config
+from training.calibration.clip_similarity import ClipSimilarityConfig
 from training.evaluation import DEFAULT_SIGMAS
 
 SVD_FRACTIONS = [12.5, 25.0, 50.0]
@@ -91,6 +92,9 @@ class CalibrateConfig(Config):
     """The proxy's stage recipe (recipes/train/*.yaml): the same steps, batch and seed for every arm."""
     train_set: list[str] = []
     """Overrides of the proxy recipe (`key=value`, as `lvd train --set`), e.g. [steps=40000]."""
+    clip: ClipSimilarityConfig | None = None
+    """CLIP text-video similarity of each proxy's samples for fixed prompts (a second metric, reported next
+    to the held-out loss); None: not measured."""
     runner: RunnerConfig = RunnerConfig()
 
     @pydantic.field_validator("fractions")

@@ -23,8 +23,7 @@ from training.calibration.runner import DONE
 METRIC = "eval_loss"
 CAVEAT = ("Tiny random-init proxies trained for a few steps say nothing about real quality: the numbers show the "
           "mechanics. At real scale SVD's proxies trained 40k steps at batch 256 on 8x256x256 clips per arm.")
-NOT_RUN = {"clip_similarity": "not run: CLIP text-video similarity of generated samples is not implemented yet",
-           "fvd": "not run: no I3D / VideoMAE feature extractor is configured"}
+FVD_NOT_RUN = "not run: FVD needs an I3D / VideoMAE feature extractor, which lvd does not have yet"
 
 
 def collect(config: CalibrateConfig, arms: list[Arm]) -> list[dict[str, Any]]:
@@ -33,11 +32,12 @@ def collect(config: CalibrateConfig, arms: list[Arm]) -> list[dict[str, Any]]:
     for arm in arms:
         row: dict[str, Any] = {"arm": arm.name, "kind": arm.kind, "score": arm.score, "direction": arm.direction,
                                "fraction": arm.fraction, "num_samples": arm.num_samples, "rule": arm.rule,
-                               "finished": False, METRIC: None}
+                               "finished": False, METRIC: None, "clip_similarity": None}
         done = arm.folder(config.output) / DONE
         if done.is_file():
             record = json.loads(done.read_text())
             row.update(finished=True, steps=record["steps"], train_loss=record["final_loss"],
+                       clip_similarity=record.get("clip_similarity"),
                        **{k: v for k, v in record["eval"].items() if k.startswith("eval_loss")})
         rows.append(row)
     baseline = next((r[METRIC] for r in rows if r["kind"] == "baseline"), None)
@@ -86,7 +86,11 @@ def write_outputs(config: CalibrateConfig, arms: list[Arm], num_heldout: int) ->
     thresholds, why = suggest(config, rows)
     check_thresholds(thresholds)
     finished = sum(r["finished"] for r in rows)
-    metrics = {METRIC: "ran: validation denoising loss (held-out clips, fixed EDM sigmas and noise seeds)", **NOT_RUN}
+    clip = (f"ran: CLIP text-video similarity of samples for {len(config.clip.prompts)} fixed prompt(s) "
+            f"({config.clip.checkpoint}; higher is better; reported, not used for the suggestion)"
+            if config.clip is not None else "not run: no CLIP checkpoint configured (calibration recipe key clip)")
+    metrics = {METRIC: "ran: validation denoising loss (held-out clips, fixed EDM sigmas and noise seeds); "
+                       "lower is better, the suggestion's metric", "clip_similarity": clip, "fvd": FVD_NOT_RUN}
     result = {"name": config.name, "shards": config.shards, "num_heldout": num_heldout, "sigmas": config.heldout.sigmas,
               "arms": rows, "finished": finished, "suggested_thresholds": thresholds, "why": why,
               "metrics": metrics, "caveat": CAVEAT}
@@ -94,7 +98,7 @@ def write_outputs(config: CalibrateConfig, arms: list[Arm], num_heldout: int) ->
              "thresholds": out / "thresholds.yaml", "html": out / "report.html"}
     paths["json"].write_text(json.dumps(result, indent=1))
     columns = ["arm", "kind", "score", "direction", "fraction", "num_samples", METRIC, "vs_baseline", "vs_random",
-               "finished", "rule"]
+               "clip_similarity", "finished", "rule"]
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -132,7 +136,7 @@ def render(config: CalibrateConfig, result: dict[str, Any]) -> str:
     e = html.escape
     title = f"calibration report: {config.name}"
     rows = result["arms"]
-    columns = ["arm", "num_samples", METRIC, "vs_baseline", "vs_random", "rule"]
+    columns = ["arm", "num_samples", METRIC, "vs_baseline", "vs_random", "clip_similarity", "rule"]
     table = ["<table class=\"arms\"><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
     for r in rows:
         cells = "".join(f"<td class=\"{'num' if c != 'arm' and c != 'rule' else ''}\">{e(_fmt(r.get(c)))}</td>"
@@ -212,6 +216,7 @@ def summary_lines(paths: dict[str, Path], result_json: Path) -> list[str]:
     lines = [f"{r['arm']:<32} {r['num_samples']:>7} clips  held-out loss "
              + (f"{r[METRIC]:.4f}" if r[METRIC] is not None else "(not trained)")
              + (f"  vs random {r['vs_random']:+.4f}" if r.get("vs_random") is not None else "")
+             + (f"  CLIP similarity {r['clip_similarity']:.4f}" if r.get("clip_similarity") is not None else "")
              for r in result["arms"]]
     lines.append(f"suggested thresholds: {json.dumps(result['suggested_thresholds']) if result['suggested_thresholds'] else 'none'}")
     lines += [f"  {s}: {w}" for s, w in result["why"].items()]
