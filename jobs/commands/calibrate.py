@@ -52,8 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_recipe(CalibrateConfig, args.recipe, args.overrides)
     local = "://" not in config.shards
-    config = config.model_copy(update={"output": str(Path(config.output).resolve()),
-                                       "shards": str(Path(config.shards).resolve()) if local else config.shards})
+    update = {"output": str(Path(config.output).resolve()),
+              "shards": str(Path(config.shards).resolve()) if local else config.shards}
+    if config.clip is not None and Path(config.clip.checkpoint).exists():  # arms may run in another folder (Ray)
+        update["clip"] = config.clip.model_copy(update={"checkpoint": str(Path(config.clip.checkpoint).resolve())})
+    config = config.model_copy(update=update)
     arms, num_heldout = runner.prepare(config)  # every arm's recipe validates before anything trains
     write_run_info(config.output, config, "calibrate", {"address": args.address})
 
