@@ -89,11 +89,14 @@ def plan(config: CalibrateConfig, manifest: Manifest) -> tuple[np.ndarray, list[
             if spec.direction == "bottom":
                 bound = float(np.percentile(values[scored], f))
                 keep = scored & (values >= bound)
-                rule = f"{score} >= {bound:.6g} (bottom {f:g}% dropped)"
+                rule = f"{score} >= {bound:.6g} (drop the bottom {f:g}%)"
             else:
                 bound = float(np.percentile(values[scored], 100 - f))
                 keep = scored & (values <= bound)
-                rule = f"{score} <= {bound:.6g} (top {f:g}% dropped)"
+                rule = f"{score} <= {bound:.6g} (drop the top {f:g}%)"
+            dropped = 100 * (1 - keep.sum() / len(train_pool))
+            if abs(dropped - f) > 100 / len(train_pool):  # ties at the bound or clips without the score
+                rule += f"; drops {dropped:.3g}% of the pool: ties at the bound, or clips without {score}"
             name = f"{score}-{spec.direction}-{fraction_label(f)}"
             arms.append((Arm(name, "filter", score, spec.direction, f, int(keep.sum()), rule), train_pool[keep]))
     if config.random_control:

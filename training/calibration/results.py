@@ -114,17 +114,17 @@ def write_outputs(config: CalibrateConfig, arms: list[Arm], num_heldout: int) ->
     return paths
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, column: str = "") -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:g}" if column == "fraction" else f"{v:+.4f}" if column.startswith("vs_") else f"{v:.4f}"
     return str(v)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -139,7 +139,7 @@ def render(config: CalibrateConfig, result: dict[str, Any]) -> str:
     columns = ["arm", "num_samples", METRIC, "vs_baseline", "vs_random", "clip_similarity", "rule"]
     table = ["<table class=\"arms\"><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
     for r in rows:
-        cells = "".join(f"<td class=\"{'num' if c != 'arm' and c != 'rule' else ''}\">{e(_fmt(r.get(c)))}</td>"
+        cells = "".join(f"<td class=\"{'num' if c != 'arm' and c != 'rule' else ''}\">{e(_fmt(r.get(c), c))}</td>"
                         for c in columns)
         table.append(f"<tr>{cells}</tr>")
     table.append("</table>")
@@ -168,6 +168,8 @@ def plot_svg(score: str, rows: list[dict[str, Any]], width: int = 360, height: i
     filt = sorted((r["fraction"], r[METRIC]) for r in rows if r["score"] == score and r[METRIC] is not None)
     rand = sorted((r["fraction"], r[METRIC]) for r in rows if r["kind"] == "random" and r[METRIC] is not None)
     base = next((r[METRIC] for r in rows if r["kind"] == "baseline" and r[METRIC] is not None), None)
+    if base is not None:  # dropping 0% is the baseline: both curves start there
+        filt, rand = ([(0.0, base)] + filt if filt else filt), ([(0.0, base)] + rand if rand else rand)
     ys = [y for _, y in filt + rand] + ([base] if base is not None else [])
     if not ys:
         return f'<figure class="histogram"><figcaption>{e(score)}</figcaption><p class="empty">no finished arms</p></figure>'
