@@ -94,39 +94,35 @@ class HeldOutEval:
         self.loader_config = heldout_loader_config(loader_config, config)
         self.encoders, self.module = encoders, module
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.captions: dict[str, str] | None = None
-
-    def _batches(self) -> list[dict[str, Any]]:
-        from shards.loader import ShardLoader
-
-        return list(ShardLoader(self.loader_config, rank=self.rank, world_size=self.world_size))
+        self.captions: FixedCaptions | None = None
 
     @torch.no_grad()
     def run(self) -> dict[str, float]:
-        """{"eval_loss": mean over sigmas, "eval_loss_sigma_S": mean over clips at S, "eval_samples": N}."""
+        """{"eval_loss": mean over sigmas, "eval_samples": N, "eval_loss_sigma_S": mean over clips at S}.
+        Batches stream from the shards (the held-out set is never held in memory whole)."""
         import torch.distributed as dist
 
-        batches = self._batches()
-        count = torch.tensor([len(batches)], device=self.device)
+        from shards.loader import ShardLoader
+
+        loader = ShardLoader(self.loader_config, rank=self.rank, world_size=self.world_size)
+        count = torch.tensor([loader.batches_per_epoch()], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
         if int(count) == 0:
             raise ValueError(f"the held-out set ({self.config.query or self.config.subset}) selects no clips; "
                              "check eval.query / eval.subset")
-        if self.captions is None:
-            self.captions = fixed_captions(self.loader_config.shards, [k for b in batches for k in b["key"]])
-        filler = batches[0] if batches else None
-        if filler is None:  # fewer held-out batches than ranks: this rank repeats one it does not count
-            from shards.loader import ShardLoader
-
-            filler = next(iter(ShardLoader(self.loader_config, rank=0, world_size=1)))
         sigmas = self.config.sigmas
         sums = torch.zeros(len(sigmas) + 1, dtype=torch.float64, device=self.device)  # per sigma, then the count
+        batches = iter(loader)
+        last = None
         was_training = self.module.training
         self.module.eval()
         try:
-            for i in range(int(count)):
-                batch, weight = (batches[i], 1.0) if i < len(batches) else (filler, 0.0)
+            for _ in range(int(count)):
+                batch, weight = next(batches, None), 1.0
+                if batch is None:  # this rank has fewer held-out batches: repeat one, not counted
+                    batch, weight = last or next(iter(ShardLoader(self.loader_config, rank=0, world_size=1))), 0.0
+                last = batch
                 losses_SB = self._losses(batch)
                 sums[:-1] += weight * losses_SB.sum(1).double()
                 sums[-1] += weight * losses_SB.shape[1]
@@ -147,7 +143,9 @@ class HeldOutEval:
 
         model = self.module.full_model
         # the loader draws one of a clip's captions per batch slot; the evaluation wants the same one always
-        batch = {**batch, "caption": [self.captions.get(k, "") for k in batch["key"]]}
+        if self.captions is None:
+            self.captions = FixedCaptions(self.loader_config.shards)
+        batch = {**batch, "caption": self.captions(list(batch["key"]))}
         inputs = self.encoders(batch)
         x0 = inputs.latents_BTCHW
         b, t = x0.shape[:2]
@@ -169,22 +167,25 @@ class HeldOutEval:
         return torch.stack(out)
 
 
-def fixed_captions(shards: str, keys: list[str]) -> dict[str, str]:
-    """key -> the clip's caption of highest weight (the first of equals), from the manifest."""
-    from shards.manifest import Manifest
+class FixedCaptions:
+    """key -> the clip's caption of highest weight (the first of equals), from the manifest (read once)."""
 
-    samples = Manifest.load(shards).samples
-    if "captions" not in samples.columns or not keys:
-        return {}
-    pos = pd.Index(samples["key"]).get_indexer(keys)
-    found = pos >= 0
-    out = {}
-    for key, caps in zip(np.asarray(keys, dtype=object)[found], samples["captions"].iloc[pos[found]]):
-        caps = list(caps) if caps is not None else []
-        if caps:
-            best = max(range(len(caps)), key=lambda i: (float(caps[i].get("weight") or 0.0), -i))
-            out[key] = str(caps[best].get("text") or "")
-    return out
+    def __init__(self, shards: str) -> None:
+        from shards.manifest import Manifest
+
+        samples = Manifest.load(shards).samples
+        self.index = pd.Index(samples["key"])
+        self.captions = samples["captions"] if "captions" in samples.columns else None
+
+    def __call__(self, keys: list[str]) -> list[str]:
+        if self.captions is None:
+            return [""] * len(keys)
+        out = []
+        for pos in self.index.get_indexer(keys):
+            caps = list(self.captions.iloc[pos]) if pos >= 0 and self.captions.iloc[pos] is not None else []
+            best = max(range(len(caps)), key=lambda i: (float(caps[i].get("weight") or 0.0), -i)) if caps else None
+            out.append(str(caps[best].get("text") or "") if best is not None else "")
+        return out
 
 
 def write_eval(path: Path, step: int, values: dict[str, float], config: EvalConfig) -> None:
