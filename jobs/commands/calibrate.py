@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"lvd calibrate: {text}", flush=True)
 
     say(f"{len(arms)} arms on {config.shards}, {num_heldout} held-out clips, proxy {config.train}")
-    for arm, c in arms:
+    for arm, _ in arms:
         say(f"  {arm.name:<32} {arm.num_samples:>7} clips  {arm.rule}")
     runner.run_arms(config, arms, say, address=args.address, max_arms=args.max_arms)
     paths = results.write_outputs(config, [a for a, _ in arms], num_heldout)
