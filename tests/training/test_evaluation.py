@@ -80,3 +80,27 @@ def test_heldout_loss_is_the_same_on_two_ranks_under_zero3(tmp_path):
         assert [json.loads(line)["step"] for line in records] == [1, 2]  # every step, the last once
     assert result[1]["eval_samples"] == result[2]["eval_samples"] == 3
     assert result[2]["eval_loss"] == pytest.approx(result[1]["eval_loss"], rel=1e-5)
+
+
+def test_a_run_stopped_before_its_final_evaluation_evaluates_on_rerun_without_training(shards, tmp_path):
+    """A stage killed after its last checkpoint but before eval.json (what `lvd calibrate` waits for): the
+    re-run trains no step and writes the evaluation."""
+    import json
+
+    from common.config import validate
+    from tests.training.train_helpers import stage_tree
+    from training.loop import Trainer
+    from training.train_config import TrainConfig
+
+    out = tmp_path / "stage"
+    tree = stage_tree(out, shard_data(shards, batch_size=2, image_ratio=0.0), steps=2,
+                      eval={"query": "clip_index == 0", "sigmas": [1.0]}, checkpoint={"every": 2})
+    Trainer(validate(TrainConfig, tree)).run()
+    first = json.loads((out / "eval.json").read_text())
+    (out / "eval.json").unlink()
+    metrics_before = (out / "metrics.jsonl").read_text()
+    summary = Trainer(validate(TrainConfig, tree)).run()
+    assert summary.start_step == summary.steps == 2
+    assert (out / "metrics.jsonl").read_text() == metrics_before  # no step trained
+    again = json.loads((out / "eval.json").read_text())
+    assert again["step"] == 2 and again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
