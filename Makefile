@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.
 STAMP := $(VENV)/.lvd-installed
 DEMO_DIR ?= demo-data
 
-.PHONY: demo test bench venv clean
+.PHONY: demo calibrate-demo test bench venv clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,14 @@ demo: $(STAMP)
 	@echo "== 7/7 lvd sample"
 	@$(LVD) sample --model $(DEMO_DIR)/train/stage3 --prompt "a square moves across the frame" --size 32x56 --out $(DEMO_DIR)/sample.mp4
 	@echo "demo done: report $(DEMO_DIR)/run/report.html, ledger $(DEMO_DIR)/run/ledger, shards $(DEMO_DIR)/shards, model $(DEMO_DIR)/train/stage3/model, video $(DEMO_DIR)/sample.mp4"
+
+# After `make demo`: a tiny threshold calibration on the demo's clips (every usable one, in their own shards):
+# proxies on filtered subsets, a baseline and random controls -> table, suggested thresholds, report page.
+calibrate-demo: $(STAMP)
+	@test -f $(DEMO_DIR)/run/funnel.json || { echo "no curation run in $(DEMO_DIR)/run: run make demo first"; exit 2; }
+	$(LVD) shards write $(DEMO_DIR)/run $(DEMO_DIR)/shards-all --all-usable --no-progress
+	$(LVD) calibrate recipes/calibrate/tiny.yaml --set shards=$(DEMO_DIR)/shards-all --set output=$(DEMO_DIR)/calibrate
+	@echo "calibration done: table $(DEMO_DIR)/calibrate/results.md, page $(DEMO_DIR)/calibrate/report.html"
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not gpu"

@@ -12,7 +12,7 @@ from common.config import ConfigError
 from training.weights_only import UnsafeCheckpoint
 
 # Module names under jobs.commands, in the order `lvd --help` lists them.
-COMMANDS = ("curate", "report", "ledger", "models", "shards", "precompute", "train", "sample", "bench", "submit", "jobs")
+COMMANDS = ("curate", "report", "ledger", "models", "shards", "precompute", "train", "calibrate", "sample", "bench", "submit", "jobs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@ here (a bad recipe must fail on the laptop, not an hour later in a cluster queue
 backend and keep a record of what was sent.
 
 Each submittable command says how it spreads over nodes (`launch`):
-  ray     a Ray pipeline (curate, precompute): on Slurm a Ray cluster is started inside the allocation and the
+  ray     a Ray pipeline (curate, precompute, calibrate): on Slurm a Ray cluster is started inside the allocation and the
           command gets --address; on a Ray cluster or in a RayJob it joins the cluster the job runs on
           (--address auto).
   torch   distributed training (train): on Slurm, srun starts torchrun (or the DeepSpeed launcher) on every
@@ -91,6 +91,7 @@ class Submittable:
 SUBMITTABLE: dict[str, Submittable] = {
     "curate": Submittable("ray", _recipe_command("curation.config:CurationConfig")),
     "train": Submittable("torch", _recipe_command("training.train_config:TrainConfig")),
+    "calibrate": Submittable("ray", _recipe_command("training.calibration.config:CalibrateConfig")),
     "sample": Submittable("single", _validate_sample),
     "precompute": Submittable("ray", _validate_precompute),
     "shards": Submittable("single", _no_recipe("out_dir")),

@@ -22,6 +22,10 @@ def _config_for(folder: str):
         from training.train_config import TrainConfig
 
         return TrainConfig
+    if folder == "calibrate":
+        from training.calibration.config import CalibrateConfig
+
+        return CalibrateConfig
     raise AssertionError(f"recipes/{folder}/ has no config class registered in this test; add it")
 
 

@@ -136,6 +136,13 @@ class Trainer:
         log.event(f"stage {c.name}: {num_trained / 1e6:.2f}M trained parameters ({c.trainable}), ZeRO "
                   f"{c.deepspeed.zero_stage}, {c.deepspeed.precision}, {ctx.world_size} rank(s) on {ctx.device.type}, "
                   f"steps {start_step}->{c.steps}")
+        self.heldout = None
+        if c.eval.enabled:
+            from training.evaluation import HeldOutEval
+
+            assert c.data.shards is not None  # TrainConfig checks it
+            self.heldout = HeldOutEval(c.eval, c.data.shards, self.encoders, module, ctx.rank, ctx.world_size,
+                                       ctx.device)
         try:
             return self._train(batches, store, ema, log, start_step, samples_seen, num_trained,
                                tag)
@@ -201,6 +208,8 @@ class Trainer:
                 losses.append((step, last_loss))
                 log.log(step, values, eta_s=times.elapsed / max(1, times.steps) * (c.steps - step))
                 times.reset()
+            if c.eval.every and step % c.eval.every == 0 and step != c.steps:
+                self._evaluate(step, log)
             if c.samples.every and step % c.samples.every == 0 and sample_first is not None:
                 self._sample(step, sample_first, log)
             if step % c.checkpoint.every == 0 or step == c.steps:
@@ -215,6 +224,9 @@ class Trainer:
         samples_seen = samples_before + int(self._sum_over_ranks(local_samples))
         if saved_at != step and step > start_step:  # stopped early (data ran out): keep what was learned
             last_ckpt = self._save(store, step, samples_seen, batches, ema, log)
+        # also when a resumed run had nothing left to train but was stopped before its evaluation
+        if self.heldout is not None and (step > start_step or not (self.out / "eval.json").is_file()):
+            self._evaluate(step, log, final=True)
         export = self._export(ema)
         seconds = time.perf_counter() - wall0
         summary = StageSummary(
@@ -257,6 +269,16 @@ class Trainer:
 
     def _mean_over_ranks(self, x: float) -> float:
         return self._sum_over_ranks(x) / self.ctx.world_size
+
+    def _evaluate(self, step: int, log: MetricsLogger, final: bool = False) -> None:
+        """The held-out loss (every rank takes part); rank 0 logs it, and at the end writes OUT/eval.json."""
+        from training.evaluation import write_eval
+
+        assert self.heldout is not None
+        values = self.heldout.run()
+        log.log_eval(step, values)
+        if final and self.ctx.rank == 0:
+            write_eval(self.out / "eval.json", step, values, self.config.eval)
 
     # ---- checkpoints, samples, export
 

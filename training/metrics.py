@@ -104,6 +104,7 @@ class MetricsLogger:
     def __init__(self, out_dir: Path, total_steps: int, report_to: list[str], rank: int, run_name: str = "lvd",
                  config: dict[str, Any] | None = None, project: str = "lvd") -> None:
         self.enabled = rank == 0
+        self.out_dir = out_dir
         self.total_steps = total_steps
         self.trackers = None
         self.jsonl = None
@@ -138,6 +139,21 @@ class MetricsLogger:
         self.jsonl.flush()
         if self.trackers is not None:
             self.trackers.scalars({k: v for k, v in values.items() if isinstance(v, (int, float))}, step)
+
+    def log_eval(self, step: int, values: dict[str, Any]) -> None:
+        """The held-out loss: one line, a record in OUT/eval.jsonl (metrics.jsonl keeps one schema), eval/*
+        scalars."""
+        if not self.enabled:
+            return
+        per_sigma = ", ".join(f"{k.removeprefix('eval_loss_sigma_')}: {v:.4f}" for k, v in values.items()
+                              if k.startswith("eval_loss_sigma_"))
+        print(f"eval step {step}/{self.total_steps} | held-out loss {values['eval_loss']:.4f} | "
+              f"{values['eval_samples']} clips | per sigma {per_sigma}", flush=True)
+        with open(self.out_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
 
     def event(self, text: str) -> None:
         if self.enabled:

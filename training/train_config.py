@@ -21,6 +21,7 @@ import pydantic
 from common.config import Config
 from shards.config import LoaderConfig
 from training.config import DiffusionConfig
+from training.evaluation import EvalConfig
 
 
 class SyntheticDataConfig(Config):
@@ -220,7 +221,8 @@ class TrainConfig(DiffusionConfig):
     name: str = "stage"
     output: str
     """The stage's folder: checkpoints/, model/ (the diffusers-format export), metrics.jsonl, tensorboard/,
-    samples/, summary.json. `lvd sample --model OUTPUT` and the next stage's `init_from: OUTPUT` read model/."""
+    samples/, summary.json, eval.jsonl and eval.json (held-out loss, when `eval` is set). `lvd sample --model
+    OUTPUT` and the next stage's `init_from: OUTPUT` read model/."""
     init_from: str | None = None
     """The weights to start from: the previous stage's output folder, an lvd export, or a diffusers-format
     SVD folder (unet/ + vae/; the text tower then comes from model.text.pretrained). None: random init
@@ -243,6 +245,9 @@ class TrainConfig(DiffusionConfig):
     logging: LoggingConfig = LoggingConfig()
     samples: SamplesConfig = SamplesConfig()
     export: ExportConfig = ExportConfig()
+    eval: EvalConfig = EvalConfig()
+    """Held-out denoising loss at fixed sigmas and noise seeds (training/evaluation.py): set eval.query or
+    eval.subset to the held-out clips; logged as eval_loss (eval.jsonl, TensorBoard's eval/), the last in eval.json."""
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -254,6 +259,9 @@ class TrainConfig(DiffusionConfig):
         if self.checkpoint.every < 1 or self.logging.every < 1:
             raise ValueError(f"checkpoint.every ({self.checkpoint.every}) and logging.every ({self.logging.every}) "
                              "must be at least 1")
+        if self.eval.enabled and self.data.source != "shards":
+            raise ValueError("eval.query / eval.subset select held-out clips of the training shards; they need "
+                             "data.source=shards (unset eval.query and eval.subset for synthetic data)")
         m = self.model.pixel_multiple
         sizes = []
         if self.data.source == "shards" and self.data.shards is not None:

@@ -18,7 +18,8 @@ EPILOG = """examples:
   lvd train recipes/train/stage3_hq.yaml --launcher ray --nproc 32 --address auto
 
 The stage writes OUTPUT/checkpoints/, OUTPUT/model/ (diffusers format: `lvd sample --model OUTPUT`, or the
-next stage's init_from), OUTPUT/metrics.jsonl, OUTPUT/tensorboard/, OUTPUT/samples/ and OUTPUT/summary.json."""
+next stage's init_from), OUTPUT/metrics.jsonl, OUTPUT/tensorboard/, OUTPUT/samples/ and OUTPUT/summary.json;
+with eval.query (or eval.subset) set, the held-out loss goes to OUTPUT/eval.jsonl and OUTPUT/eval.json."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,114 @@
+"""The calibration recipe (recipes/calibrate/*.yaml): which shards, which scores and fractions, which proxy.
+
+    lvd calibrate recipes/calibrate/tiny.yaml --set shards=demo-data/shards-all --set output=demo-data/calibrate
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+
+from common.config import Config
+from training.calibration.clip_similarity import ClipSimilarityConfig
+from training.evaluation import DEFAULT_SIGMAS
+
+SVD_FRACTIONS = [12.5, 25.0, 50.0]
+
+
+class ScoreArms(Config):
+    """One score to calibrate: which end of it is dropped, and how much of the pool each arm drops."""
+
+    direction: Literal["bottom", "top"] = "bottom"
+    """bottom: drop the lowest scores (motion, aesthetics, CLIP similarity); top: the highest (text area)."""
+    fractions: list[float] | None = None
+    """Percent of the pool each arm drops (default: the recipe's `fractions`)."""
+
+    @pydantic.field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            check_fractions(v)
+        return v
+
+
+def check_fractions(values: list[float]) -> None:
+    if not values or any(not 0 < f < 100 for f in values):
+        raise ValueError(f"fractions ({values}) are percentages of clips to drop; list values in (0, 100), "
+                         "e.g. [12.5, 25, 50]")
+
+
+class HeldOutConfig(Config):
+    """The clips every arm is evaluated on, left out of every arm's training subset: chosen from the pool by
+    a hash of (seed, key), so the same shards and seed give the same set."""
+
+    num_samples: int = 64
+    query: str | None = None
+    """Draw the held-out clips only from the pool's samples of this query (a hand-checked or strictly filtered
+    set: what the model should be good at); None: from the whole pool."""
+    seed: int = 0
+    sigmas: list[float] = DEFAULT_SIGMAS
+    """EDM noise levels of the held-out denoising loss (see training/evaluation.py)."""
+
+    @pydantic.field_validator("num_samples")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"heldout.num_samples ({v}) must be at least 1")
+        return v
+
+
+class RunnerConfig(Config):
+    """Resources of one arm when arms run as Ray tasks (`lvd calibrate --address`): one arm per task."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+class CalibrateConfig(Config):
+    """A threshold calibration. See training/calibration/__init__.py."""
+
+    name: str = "calibration"
+    output: str
+    """arms/<arm>/ (subset.parquet, train/ with the proxy's model and eval.json, done.json), heldout.parquet,
+    results.json, results.csv, results.md, thresholds.yaml, report.html, config.yaml, run.json."""
+    shards: str
+    """The shard folder (its manifest carries every score); write shards with `--all-usable` to calibrate over
+    the clips the current thresholds drop too."""
+    query: str | None = None
+    """The pool every arm draws from, as a query over the manifest (e.g. `keep`); None: every sample."""
+    scores: dict[str, ScoreArms]
+    """Score column -> direction (and fractions). SVD's: motion_score, aesthetic, caption_similarity (bottom),
+    text_area (top)."""
+    fractions: list[float] = SVD_FRACTIONS
+    """Percent of the pool dropped, per arm; SVD's grid is 12.5 / 25 / 50."""
+    baseline: bool = True
+    """An arm trained on the whole pool."""
+    random_control: bool = True
+    """Per fraction, an arm that drops that share of the pool at random (a hash of the key), so a filter is
+    compared with losing as many clips for no reason."""
+    heldout: HeldOutConfig = HeldOutConfig()
+    train: str
+    """The proxy's stage recipe (recipes/train/*.yaml): the same steps, batch and seed for every arm."""
+    train_set: list[str] = []
+    """Overrides of the proxy recipe (`key=value`, as `lvd train --set`), e.g. [steps=40000]."""
+    clip: ClipSimilarityConfig | None = None
+    """CLIP text-video similarity of each proxy's samples for fixed prompts (a second metric, reported next
+    to the held-out loss); None: not measured."""
+    runner: RunnerConfig = RunnerConfig()
+
+    @pydantic.field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        check_fractions(v)
+        return v
+
+    @pydantic.model_validator(mode="after")
+    def _check(self) -> CalibrateConfig:
+        if not self.scores:
+            raise ValueError("scores is empty; name at least one score column, e.g. scores: {motion_score: "
+                             "{direction: bottom}}")
+        return self
+
+    def fractions_of(self, score: str) -> list[float]:
+        return self.scores[score].fractions or self.fractions

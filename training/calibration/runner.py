@@ -1,0 +1,147 @@
+"""Training the arms: each arm is the proxy stage recipe with its own subset and output folder, evaluated on
+the held-out clips (the stage's `eval` section, training/evaluation.py).
+
+Arms run one after another in this process, or in parallel as Ray tasks on a cluster (`--address`, one arm
+per task with `runner.num_cpus` / `runner.num_gpus`); `lvd submit -- calibrate ...` runs the same driver as
+a cluster job. An arm is finished when arms/<arm>/done.json exists (written after its model and eval.json);
+a re-run skips finished arms and resumes an interrupted one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, apply_overrides, read_yaml, validate
+from training.calibration.arms import HELDOUT, Arm, plan, write_plan
+from training.calibration.config import CalibrateConfig
+from training.train_config import TrainConfig
+
+DONE = "done.json"
+
+Say = Callable[[str], None]
+
+
+def proxy_tree(config: CalibrateConfig) -> dict[str, Any]:
+    """The proxy recipe with the calibration's overrides: what every arm shares."""
+    return apply_overrides(read_yaml(config.train), config.train_set)
+
+
+def arm_config(config: CalibrateConfig, arm: Arm, proxy: dict[str, Any]) -> TrainConfig:
+    """The arm's stage: the proxy recipe on the arm's subset, evaluated on the held-out set, in arms/<arm>/train."""
+    out = Path(config.output).resolve()
+    folder = arm.folder(out)
+    tree = apply_overrides(proxy, [])
+    data = tree.setdefault("data", {})
+    if data.get("source", "shards") != "shards":
+        raise ConfigError(f"the proxy recipe {config.train} trains on data.source={data.get('source')}; calibration "
+                          "arms are subsets of shards: use a recipe with data.source=shards")
+    loader = data.setdefault("shards", {}) or {}
+    data["shards"] = {**loader, "shards": config.shards, "query": None, "subset": str(folder / "subset.parquet")}
+    tree["eval"] = {**(tree.get("eval") or {}), "query": None, "subset": str(out / HELDOUT),
+                    "sigmas": list(config.heldout.sigmas), "seed": config.heldout.seed}
+    tree["output"] = str(folder / "train")
+    tree["name"] = f"{config.name}-{arm.name}"
+    return validate(TrainConfig, tree, source=f"proxy recipe {config.train} (arm {arm.name})")
+
+
+def clip_json(config: CalibrateConfig) -> dict[str, Any] | None:
+    return config.clip.model_dump(mode="json") if config.clip is not None else None
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / DONE).is_file()
+
+
+def train_arm(config_json: dict[str, Any], folder: str, clip_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains one arm in this process (a Ray task or the driver), measures its metrics, writes its done.json."""
+    from training.launch import run_local
+
+    train = TrainConfig.model_validate(config_json)
+    t0 = time.perf_counter()
+    summary = run_local(train)
+    out = Path(train.output)
+    record = {"eval": json.loads((out / "eval.json").read_text()), "steps": summary.steps,
+              "final_loss": summary.final_loss, "samples": summary.samples, "seconds": time.perf_counter() - t0,
+              "model": summary.export, "clip_similarity": None}
+    if clip_json is not None:
+        from training.calibration.clip_similarity import ClipSimilarityConfig, clip_similarity
+
+        record["clip_similarity"] = clip_similarity(out / "model", ClipSimilarityConfig.model_validate(clip_json),
+                                                    train.sampler)
+    tmp = Path(folder) / (DONE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(Path(folder) / DONE)
+    return record
+
+
+def prepare(config: CalibrateConfig) -> tuple[list[tuple[Arm, TrainConfig]], int]:
+    """Plans the arms, writes their subsets, validates every arm's stage recipe (before any training)."""
+    from shards.manifest import Manifest
+
+    try:
+        manifest = Manifest.load(config.shards)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"shards: {e}") from None
+    heldout, arms = plan(config, manifest)
+    proxy = proxy_tree(config)
+    configs = [(arm, arm_config(config, arm, proxy)) for arm, _ in arms]
+    done = {arm.name for arm, _ in arms if is_done(arm.folder(config.output))}
+    write_plan(config, manifest, heldout, arms, done, proxy)
+    return configs, len(heldout)
+
+
+def run_arms(config: CalibrateConfig, arms: list[tuple[Arm, TrainConfig]], say: Say, address: str | None = None,
+             max_arms: int | None = None) -> list[str]:
+    """Trains the unfinished arms (at most `max_arms` of them); returns the names trained now."""
+    todo = [(arm, c) for arm, c in arms if not is_done(arm.folder(config.output))]
+    skipped = len(arms) - len(todo)
+    if skipped:
+        say(f"{skipped} arm(s) already finished, not retrained")
+    if max_arms is not None:
+        todo = todo[:max_arms]
+    if not todo:
+        return []
+    if address is None:
+        for i, (arm, c) in enumerate(todo, 1):
+            say(f"arm {i}/{len(todo)}: {arm.name} ({arm.num_samples} clips: {arm.rule})")
+            record = train_arm(c.model_dump(mode="json"), str(arm.folder(config.output)), clip_json(config))
+            say(f"arm {arm.name}: held-out loss {record['eval']['eval_loss']:.4f} in {record['seconds']:.0f}s")
+        return [arm.name for arm, _ in todo]
+    return _run_ray(config, todo, say, address)
+
+
+def _run_ray(config: CalibrateConfig, todo: list[tuple[Arm, TrainConfig]], say: Say, address: str) -> list[str]:
+    """One Ray task per arm, as many at once as the cluster fits; the output folder must be shared storage."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, logging_level="WARNING")
+    try:
+        task = ray.remote(train_arm).options(num_cpus=config.runner.num_cpus, num_gpus=config.runner.num_gpus,
+                                             max_retries=0)
+        pending = {task.remote(c.model_dump(mode="json"), str(arm.folder(config.output)), clip_json(config)): arm
+                   for arm, c in todo}
+        say(f"{len(pending)} arm(s) submitted to Ray at {address}")
+        trained, failed = [], []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            arm = pending.pop(ready[0])
+            try:
+                record = ray.get(ready[0])
+            except Exception as e:  # noqa: BLE001 - one arm failing leaves the others running; re-run resumes it
+                failed.append(arm.name)
+                say(f"arm {arm.name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            trained.append(arm.name)
+            say(f"arm {arm.name}: held-out loss {record['eval']['eval_loss']:.4f} in {record['seconds']:.0f}s")
+        if failed:
+            raise RuntimeError(f"arms {failed} failed; re-run the same command to retry them (finished arms are kept)")
+        return trained
+    finally:
+        if started:
+            ray.shutdown()
