@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -257,3 +258,64 @@ class RankSlice:
             if carry is not None and carry.num_rows:
                 j = int(carry.column("batch")[0].as_py())
                 yield PlannedBatch(epoch, j, int(carry.column("bucket")[0].as_py()), carry, after[j])
+
+
+FAILED = "failed.json"
+# how far behind the waiting rank's clock rank 0's may be (another node)
+CLOCK_SLACK_S = 60.0
+
+
+def ensure_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs: Callable[[int], int],
+                keep: bool = False) -> dict:
+    """The plan of `config` over `manifest` in `out`: the one there when it was made from the same manifest and
+    settings and holds enough epochs (`epochs`: of the batches per epoch), else written anew. `keep`: a run
+    resumes from this plan, so a plan made from other data or settings is an error, not replaced (the
+    checkpoint's position means something only in the plan it was taken in). Returns plan.json's content."""
+    source = plan_source(manifest, config)
+    doc = read_plan_doc(out)
+    if doc is not None and doc.get("format") == FORMAT and doc.get("source") == source:
+        if len(doc["batches"]) >= epochs(doc["batches"][0]):
+            return doc
+    elif doc is not None and keep:
+        raise ValueError(f"the plan in {out} was made from other shards or data settings than this run's, and the "
+                         "run resumes from a checkpoint taken in it: resume with the run's original shards and "
+                         "data settings, or train into a new output folder")
+    fs, path = fsspec.core.url_to_fs(str(out))
+    if fs.exists(join(path, FAILED)):
+        fs.rm(join(path, FAILED))
+    # (a longer plan keeps every epoch the shorter one had: each epoch is a function of the seed and its number)
+    write_plan(manifest, config, out, lambda m: max(epochs(m), len(doc["batches"]) if doc and doc.get("source") == source else 0))
+    return read_plan_doc(out)
+
+
+def plan_failed(manifest: Manifest, config: LoaderConfig, out: str | Path, message: str) -> None:
+    """Tells the ranks waiting for the plan in `out` (wait_for_plan) that it will not come, and why."""
+    fs, path = fsspec.core.url_to_fs(str(out))
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(join(path, FAILED), "w") as f:
+        json.dump({"source": plan_source(manifest, config), "time": time.time(), "message": message}, f)
+
+
+def wait_for_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs: Callable[[int], int],
+                  timeout_s: float, poll_s: float = 1.0) -> dict:
+    """Waits until `out` holds the plan of `config` over `manifest` with enough epochs (another process writes
+    it: ensure_plan), and returns plan.json's content. A failure marker of this plan written since the wait
+    began (an older one is a past attempt's), or `timeout_s`, end the wait with an error."""
+    source = plan_source(manifest, config)
+    fs, path = fsspec.core.url_to_fs(str(out))
+    began, deadline = time.time() - CLOCK_SLACK_S, time.monotonic() + timeout_s
+    while True:
+        doc = read_plan_doc(out)
+        if doc is not None and doc.get("source") == source and len(doc["batches"]) >= epochs(doc["batches"][0]):
+            return doc
+        try:
+            with fs.open(join(path, FAILED), "r") as f:
+                failed = json.load(f)
+            if failed.get("source") == source and failed.get("time", 0) >= began:
+                raise ValueError(f"rank 0 could not write the plan in {out}: {failed.get('message')}")
+        except (FileNotFoundError, json.JSONDecodeError):  # (none, or one being written)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no plan for this run in {out} after {timeout_s:g} s (rank 0 writes it): check rank "
+                               "0's log, or raise data.plan_timeout_s for a subset that takes longer to plan")
+        time.sleep(poll_s)
