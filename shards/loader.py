@@ -1,6 +1,10 @@
 """The streaming loader for training: planned batches (shards/plan.py), read by ranged reads (shards/reader.py),
 decoded in torch DataLoader workers, with a state that resumes exactly.
 
+With `plan=DIR` (a plan written once, shards/plan_file.py; what training ranks use) a rank reads only its own
+batches' rows of the plan, never the manifest; without it the loader plans the subset itself from the
+manifest (one process: precompute's tasks, benchmarks, notebooks).
+
     loader = ShardLoader(LoaderConfig(shards="s3://bucket/shards", query="aesthetic >= 5", batch_size=8))
     for batch in loader:                 # endless unless config.epochs is set
         ...
@@ -72,6 +76,8 @@ MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "
 # max_corrupt_fraction is of at least this many samples: one bad sample among the first few read is no reason
 # to stop a run
 MIN_READ_FOR_FRACTION = 100
+# batches of a written plan looked up at a time for substitutes of a batch whose every sample is corrupt
+FOLLOWING_CHUNK = 1024
 
 
 class CorruptDataError(RuntimeError):
@@ -242,9 +248,10 @@ class PlanBatches:
 
     def following(self, epoch: int, j: int) -> Iterator[Planned]:
         m = self.epoch_batches(epoch)
-        wanted = [((j + k) % m, None) for k in range(1, m + 1)]
-        for batch in self.slice.read(epoch, wanted, self._columns()):
-            yield self._planned(batch)
+        for first in range(1, m + 1, FOLLOWING_CHUNK):  # (read a chunk at a time: usually the first suffices)
+            wanted = [((j + k) % m, None) for k in range(first, min(first + FOLLOWING_CHUNK, m + 1))]
+            for batch in self.slice.read(epoch, wanted, self._columns()):
+                yield self._planned(batch)
 
     def _columns(self) -> list[str]:
         return ["bucket", *SAMPLE_COLUMNS, "motion_bucket", "captions", *self.score_columns]
@@ -286,7 +293,8 @@ class BatchMaker:
             batch["_in_slot"] = out.names()
         return batch
 
-    def _try_load(self, s: Samples, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows", row: int) -> Any | None:
+    def _try_load(self, s: Samples, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows",
+                  row: int) -> Any | None:
         try:
             if self.config.output == "raw":
                 return self._read_whole(s, pos, out)
@@ -306,7 +314,8 @@ class BatchMaker:
             return {ext: bytes(v) for ext, v in members.items()}
         return members
 
-    def _read_members(self, s: Samples, pos: int, wanted: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, memoryview]:
+    def _read_members(self, s: Samples, pos: int, wanted: tuple[str, ...],
+                      optional: tuple[str, ...]) -> dict[str, memoryview]:
         """Only the members a batch needs (the latents and not the mp4, one frame jpg, ...), in as few reads as
         their placement allows. Views of the reader's buffer: valid until its next read."""
         names, ranges = [], []
@@ -331,7 +340,8 @@ class BatchMaker:
                     raise SampleFormatError(f"crc32 mismatch in member {ext}")
         return members
 
-    def _decode(self, s: Samples, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows", row: int) -> dict[str, Any]:
+    def _decode(self, s: Samples, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows",
+                row: int) -> dict[str, Any]:
         """Writes the sample's frames or latents (and text) into row `row` of `out`; returns its json."""
         optional = ("json", "text.safetensors") if self.config.read_json else ("text.safetensors",)
         if self.embedding_shapes:

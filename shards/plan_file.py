@@ -1,9 +1,12 @@
-"""The training plan written once (`lvd shards plan`), and each rank's slice of it read back in bounded memory.
+"""The training plan written once (`lvd train` into OUTPUT/plan, `lvd shards plan`), and each rank's slice of it
+read back in bounded memory (ShardLoader(config, plan=DIR) reads batches this way).
 
 The plan is the loader's (shards/plan.py: the same subset, buckets, batches and dealing to ranks), computed on
-one machine and written as parquet:
+one machine and written as parquet, each file under a temporary name and renamed, plan.json last:
 
-    plan.json                   format, the loader settings, fingerprint, buckets, batches per epoch
+    plan.json                   format, source (the manifest's fingerprint and the planning settings: a plan is
+                                reused only for the same), the loader settings, fingerprint, buckets, batches
+                                per epoch, score columns, embedding shapes
     subset.parquet              one row per subset position: position, row (in the manifest), key, video_bucket,
                                 image_bucket
     epoch-00000.parquet ...     one row per sample of each planned batch, in batch order: batch, slot, bucket,
@@ -14,8 +17,9 @@ one machine and written as parquet:
 A rank keeps only its own batches of an epoch file: it reads the file one row group at a time (those whose
 batch range holds none of its batches, e.g. before a resumed position, are skipped by their footer
 statistics) and filters it, so its memory is one row group and one batch, whatever the size of the dataset.
-(Its reads still cover the epoch file's row groups, as batches are dealt round-robin to ranks.) Its batches are those of `SubsetPlanner.rank_stream`: rank r
-of W gets batches c + r, c + r + W, ... of the epoch (c: batches consumed when the pass starts), data-loader
+(Its reads still cover the epoch file's row groups, as batches are dealt round-robin to ranks.) Its batches
+are those of `SubsetPlanner.rank_stream`: rank r of W gets batches c + r, c + r + W, ... of the epoch (c: batches
+consumed when the pass starts), data-loader
 worker k of K every K-th of them, so resume and a change of world size behave exactly as the in-process plan.
 """
 
@@ -220,7 +224,8 @@ class RankSlice:
         """Batches of `epoch` over all ranks."""
         return int(self.doc["batches"][epoch])
 
-    def _read(self, epoch: int, wanted: list[tuple[int, tuple[int, int] | None]], columns: list[str] | None) -> Iterator[PlannedBatch]:
+    def _read(self, epoch: int, wanted: list[tuple[int, tuple[int, int] | None]],
+              columns: list[str] | None) -> Iterator[PlannedBatch]:
         index = np.array([j for j, _ in wanted], np.int64)
         after = dict(wanted)
         with self.fs.open(join(self.path, epoch_file(epoch)), "rb") as f:
@@ -283,8 +288,10 @@ def ensure_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epoch
     fs, path = fsspec.core.url_to_fs(str(out))
     if fs.exists(join(path, FAILED)):
         fs.rm(join(path, FAILED))
-    # (a longer plan keeps every epoch the shorter one had: each epoch is a function of the seed and its number)
-    write_plan(manifest, config, out, lambda m: max(epochs(m), len(doc["batches"]) if doc and doc.get("source") == source else 0))
+    # never fewer epochs than the plan had (a run on more ranks may have needed them); a longer plan keeps every
+    # epoch the shorter one had: each epoch is a function of the seed and its number
+    had = len(doc["batches"]) if doc is not None and doc.get("source") == source else 0
+    write_plan(manifest, config, out, lambda m: max(epochs(m), had))
     return read_plan_doc(out)
 
 
