@@ -209,8 +209,8 @@ class RankSlice:
              columns: list[str] | None = None) -> Iterator[PlannedBatch]:
         """The batches `wanted` ((batch index, state after), in dealing order) of `epoch`'s file."""
         # pad wraps the last step around to the epoch's first batches: those are read in a second pass
-        ascending = [b for k, b in enumerate(wanted) if k == 0 or b[0] > wanted[k - 1][0]]
-        wrapped = wanted[len(ascending):]
+        cut = next((k for k in range(1, len(wanted)) if wanted[k][0] <= wanted[k - 1][0]), len(wanted))
+        ascending, wrapped = wanted[:cut], wanted[cut:]
         for part in (ascending, wrapped):
             if part:
                 yield from self._read(epoch, part, columns)

@@ -161,3 +161,22 @@ def test_a_planned_loader_refuses_a_state_of_another_plan_and_epochs_past_the_pl
         ShardLoader(config, plan=str(tmp_path / "b")).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="holds 1 epochs and the run needs epoch 1"):
         list(a)  # epochs=None streams on: past the plan's one epoch is an error, not a silent end
+
+
+def test_a_planned_loader_skips_and_substitutes_corrupt_samples_as_the_in_process_plan(shards_copy, tmp_path):
+    from shards.loader import ShardLoader
+    from shards.manifest import Manifest
+    from tests.shards.conftest import loader_config
+    from tests.shards.test_loader import _damage_mp4
+
+    manifest = Manifest.load(str(shards_copy))
+    keys = manifest.samples["key"].tolist()
+    for key, how in ((keys[1], "flip"), (keys[6], "zero")):
+        _damage_mp4(shards_copy, key, how)
+    for batch_size in (1, 3):  # 1: a corrupt batch takes the next good samples of its bucket in the plan
+        config = loader_config(shards_copy, epochs=1, batch_size=batch_size, max_corrupt_fraction=0.5)
+        write_plan(manifest, config, tmp_path / str(batch_size), epochs=1)
+        want, got = ShardLoader(config), ShardLoader(config, plan=str(tmp_path / str(batch_size)))
+        assert [b["key"] for b in got] == [b["key"] for b in want]
+        assert (got.num_corrupt, got.num_repeated) == (want.num_corrupt, want.num_repeated) == \
+            (2, 2 if batch_size == 1 else 0)
