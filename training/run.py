@@ -7,7 +7,9 @@
     deepspeed --num_gpus 8 --module training.run RECIPE                                  # DeepSpeed launcher
     deepspeed --num_accelerators 2 --module training.run RECIPE                          # ... on CPU
 
-Re-running the same command resumes from OUT/checkpoints/latest. Ray Train runs the same Trainer through
+Re-running the same command resumes from OUT/checkpoints/latest. Rank 0 writes the stage's data plan into
+OUT/plan unless it is there already (`lvd train` writes it before starting the ranks); the other ranks wait
+for it (data.plan_timeout_s) and read only their batches of it. Ray Train runs the same Trainer through
 training/launch.py (`lvd train RECIPE --launcher ray`).
 """
 
