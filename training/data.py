@@ -135,6 +135,11 @@ class SyntheticBatches:
 PLAN_DIR = "plan"
 
 
+class PlanError(RuntimeError):
+    """The stage's plan could not be made or found: data settings that select nothing, a plan of other data
+    under a resumed run, rank 0's failure or a timeout while waiting for it. The message says what to do."""
+
+
 def plan_epochs(config: TrainConfig, world_size: int) -> Callable[[int], int]:
     """Epochs a stage's plan must hold, given its batches per epoch: enough for every step on `world_size` ranks,
     with a margin for the epoch a resumed run (on another number of ranks) is in the middle of; no more than
@@ -162,17 +167,20 @@ def stage_plan(config: TrainConfig, rank: int, world_size: int, waited_for: bool
     loader = config.data.shards
     assert loader is not None
     out = Path(config.output) / PLAN_DIR
-    manifest = Manifest.load(loader.shards)  # (its shard list: the plan's source is the shards' fingerprint)
-    epochs = plan_epochs(config, world_size)
-    if rank != 0:
-        wait_for_plan(manifest, loader, out, epochs, config.data.plan_timeout_s)
-        return str(out)
     try:
-        ensure_plan(manifest, loader, out, epochs, keep=(Path(config.output) / "checkpoints" / LATEST).is_file())
-    except Exception as e:
-        if waited_for:
-            plan_failed(manifest, loader, out, str(e))
-        raise
+        manifest = Manifest.load(loader.shards)  # (its shard list: the plan's source is the shards' fingerprint)
+        epochs = plan_epochs(config, world_size)
+        if rank != 0:
+            wait_for_plan(manifest, loader, out, epochs, config.data.plan_timeout_s)
+            return str(out)
+        try:
+            ensure_plan(manifest, loader, out, epochs, keep=(Path(config.output) / "checkpoints" / LATEST).is_file())
+        except Exception as e:
+            if waited_for:
+                plan_failed(manifest, loader, out, str(e))
+            raise
+    except (ValueError, FileNotFoundError, TimeoutError) as e:
+        raise PlanError(str(e)) from None
     return str(out)
 
 

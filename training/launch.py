@@ -36,11 +36,11 @@ def check_data(config: TrainConfig, world_size: int = 1) -> None:
     if config.data.source != "shards":
         return
     from common.config import ConfigError
-    from training.data import stage_plan
+    from training.data import PlanError, stage_plan
 
     try:
         stage_plan(config, 0, world_size, waited_for=False)  # (no rank has started)
-    except (ValueError, FileNotFoundError) as e:
+    except PlanError as e:
         raise ConfigError(f"data.shards: {e}") from None
 
 

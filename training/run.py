@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training.run: {e}", file=sys.stderr)
         return 2
     from shards.loader import CorruptDataError
+    from training.data import PlanError
     from training.loop import Trainer
     from training.weights_only import UnsafeCheckpoint
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         Trainer(config).run()
     except UnsafeCheckpoint as e:
         print(f"training.run: {e}", file=sys.stderr)
+        return 2
+    except PlanError as e:  # the data settings or the plan folder: one line, not a traceback from every rank
+        print(f"training.run: data.shards: {e}", file=sys.stderr)
         return 2
     except CorruptDataError as e:  # the data, not the code: one line saying what to do (the launcher stops the other ranks)
         print(f"training.run: {e}", file=sys.stderr)

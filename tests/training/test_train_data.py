@@ -83,7 +83,7 @@ def test_the_stage_plan_is_written_once_reused_extended_and_kept_on_resume(tmp_p
 
     from shards import plan_file
     from tests.training.train_helpers import make_shards, shard_data, stage_tree
-    from training.data import stage_plan
+    from training.data import PlanError, stage_plan
     from training.train_config import TrainConfig
 
     shards = make_shards(tmp_path)
@@ -113,7 +113,7 @@ def test_the_stage_plan_is_written_once_reused_extended_and_kept_on_resume(tmp_p
     assert len(writes) == 3
     (tmp_path / "out" / "checkpoints").mkdir()
     (tmp_path / "out" / "checkpoints" / "latest").write_text("step_00000003")
-    with pytest.raises(ValueError, match="resumes from a checkpoint taken in it"):
+    with pytest.raises(PlanError, match="resumes from a checkpoint taken in it"):
         stage_plan(config(steps=200), 0, 2)
     assert len(writes) == 3
 
@@ -121,11 +121,11 @@ def test_the_stage_plan_is_written_once_reused_extended_and_kept_on_resume(tmp_p
     other = config(query="motion_score < 0.3").model_copy(deep=True)
     other.data.plan_timeout_s = 0.5
     t0 = time.monotonic()
-    with pytest.raises(TimeoutError, match="raise data.plan_timeout_s"):
+    with pytest.raises(PlanError, match="raise data.plan_timeout_s"):
         stage_plan(other, 1, 2)
     assert time.monotonic() - t0 < 5
     from shards.manifest import Manifest
 
     plan_file.plan_failed(Manifest.load(str(shards)), other.data.shards, folder, "the subset is empty")
-    with pytest.raises(ValueError, match="rank 0 could not write the plan .*: the subset is empty"):
+    with pytest.raises(PlanError, match="rank 0 could not write the plan .*: the subset is empty"):
         stage_plan(other, 1, 2)
