@@ -141,7 +141,6 @@ class Samples:
                               if "motion_bucket" in frame else np.full(len(frame), np.nan))
         self.scores = {c: frame[c].to_numpy(dtype=float, na_value=np.nan) for c in score_columns}
         self.captions = frame["captions"].to_numpy(dtype=object) if "captions" in frame else None
-        self.frame = frame  # (embedding shapes of a subset are read from it once)
 
     def shard(self, pos: int) -> str:
         return str(self.shard_names[self.shard_of[pos]])
@@ -169,9 +168,9 @@ class SubsetBatches:
         self.fingerprint, self.num_refused = self.planner.fingerprint, self.planner.num_refused
         table = manifest.take(self.planner.rows, sample_columns(manifest.schema.names, self.score_columns))
         self.samples = Samples(table, self.score_columns)
-        self.embedding_shapes = (embedding_shapes(self.samples.frame, manifest.root)
+        shapes = [c for c in (embedding_shape_column(e) for e in EMBEDDING_COLUMNS) if c in table.column_names]
+        self.embedding_shapes = (embedding_shapes(table.select(shapes).to_pandas(), manifest.root)
                                  if config.read_embeddings and config.output == "tensors" else {})
-        del self.samples.frame
 
     def epoch_batches(self, epoch: int) -> int:
         return len(self.planner.plan(epoch))
