@@ -203,15 +203,16 @@ class PlanBatches:
 
         self.slice = RankSlice(plan_dir, rank, world_size)
         doc = self.slice.doc
+        differ = planned_settings_differ(doc["config"], config)
+        if differ:
+            raise ValueError(f"the plan in {plan_dir} was made with other settings ({', '.join(differ)}) than this "
+                             "loader's; write it again with these settings, or load with the plan's")
         self.root, self.config = config.shards, config  # (this machine's path to the shards the plan was made of)
         self.score_columns = list(doc["score_columns"])
         self.buckets = [Bucket(kind, tuple(shape)) for kind, shape in doc["buckets"]]
         self.fingerprint, self.num_refused = str(doc["fingerprint"]), int(doc.get("num_refused", 0))
         self.embedding_shapes = ({k: tuple(v) for k, v in doc["embedding_shapes"].items()}
                                  if config.read_embeddings and config.output == "tensors" else {})
-        if config.read_embeddings and config.output == "tensors" and not doc["config"].get("read_embeddings"):
-            raise ValueError(f"read_embeddings is set but the plan in {plan_dir} was written without it; write the "
-                             "plan again with read_embeddings=true")
 
     def epoch_batches(self, epoch: int) -> int:
         self._check_epoch(epoch)
@@ -254,6 +255,14 @@ class PlanBatches:
 
     def _columns(self) -> list[str]:
         return ["bucket", *SAMPLE_COLUMNS, "motion_bucket", "captions", *self.score_columns]
+
+
+def planned_settings_differ(planned: dict[str, Any], config: LoaderConfig) -> list[str]:
+    """The settings that shape a plan in which `config` differs from those a plan was made with."""
+    from shards.plan_file import NOT_PLANNED
+
+    mine = config.model_dump(mode="json")
+    return [k for k in mine if k not in NOT_PLANNED and k != "shards" and planned.get(k) != mine[k]]
 
 
 class BatchMaker:

@@ -157,8 +157,12 @@ def test_a_planned_loader_refuses_a_state_of_another_plan_and_epochs_past_the_pl
     write_plan(manifest, config, tmp_path / "a", epochs=1)
     write_plan(manifest, config.model_copy(update={"seed": 8}), tmp_path / "b", epochs=1)
     a = ShardLoader(config, plan=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"the plan in .*b was made with other settings \(seed\)"):
+        ShardLoader(config, plan=str(tmp_path / "b"))
     with pytest.raises(ValueError, match="saved for another plan"):
-        ShardLoader(config, plan=str(tmp_path / "b")).load_state_dict(a.state_dict())
+        b = ShardLoader(config.model_copy(update={"seed": 8}), plan=str(tmp_path / "b"))
+        b.load_state_dict(a.state_dict())
+    ShardLoader(config.model_copy(update={"num_workers": 2, "epochs": 1}), plan=str(tmp_path / "a"))  # how it reads
     with pytest.raises(ValueError, match="holds 1 epochs and the run needs epoch 1"):
         list(a)  # epochs=None streams on: past the plan's one epoch is an error, not a silent end
 
