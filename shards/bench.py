@@ -102,7 +102,7 @@ def loader_pass(config, name: str) -> Timing:
 def _bytes_read(loader) -> dict[str, int]:
     """What the loader reads of each sample in tensors mode: the latents member and the json."""
     m = loader.manifest
-    rows = loader.planner.rows
+    rows = loader.batches.planner.rows
     out = {}
     for ext in ("latents.safetensors", "json"):
         _, size, _ = m.member_ranges(rows, ext)

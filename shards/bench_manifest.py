@@ -8,7 +8,7 @@ motion bucket, keep and pass_* flags), in files of --rows-per-file rows, then ti
   query    `Manifest.select` of a pct() rule (a DuckDB scan of the columns it names, one aggregate per pct)
   plan     `write_plan` of that query for 8 ranks, one epoch (subset, buckets, the epoch's batch order)
 and measures, in a fresh process, the peak RSS of rank 3 of 8 reading its whole slice of the epoch
-(`RankSlice`). Goal: under 1 GiB at 10M rows, and no more than 1.2x the value at 1M rows.
+(the training loader's `PlanBatches` over `RankSlice`, with no shard opened). Goal: under 1 GiB at 10M rows, and no more than 1.2x the value at 1M rows.
 JSON keys: rows, query_s, plan_s, rank_peak_rss_mb (and the details: rank_batches, rank_rows, plan_rows,
 query_rows, rows_per_file).
 """
@@ -98,14 +98,18 @@ def write_synthetic(folder: Path, rows: int, rows_per_file: int, seed: int = 0) 
 
 
 def rank_slice_peak(plan: Path, rank: int, world_size: int) -> dict:
-    """Runs one rank's read of its slice of epoch 0 in a fresh process; its peak RSS and what it read."""
+    """Runs one rank's read of its slice of epoch 0 in a fresh process, as the training loader reads it (each
+    batch's rows made into the arrays a batch is read from; no shard is opened); its peak RSS and what it read."""
     # VmHWM, not getrusage: ru_maxrss survives exec and would report the forking parent's peak
     code = ("import json, re, sys\n"
-            "from shards.plan_file import RankSlice\n"
-            "s = RankSlice(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))\n"
+            "from shards.config import LoaderConfig\n"
+            "from shards.loader import PlanBatches\n"
+            "from shards.plan_file import read_plan_doc\n"
+            "config = LoaderConfig.model_validate({**read_plan_doc(sys.argv[1])['config'], 'epochs': 1})\n"
+            "rank, world = int(sys.argv[2]), int(sys.argv[3])\n"
             "batches, rows = [], 0\n"
-            "for b in s.batches(0):\n"
-            "    batches.append(b.batch_index); rows += b.samples.num_rows\n"
+            "for _, j, _, (_, _, items) in PlanBatches(sys.argv[1], config, rank, world).stream((0, 0), rank, world, 0, 1):\n"
+            "    batches.append(j); rows += len(items)\n"
             "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"
             "print(json.dumps({'batches': batches, 'rows': rows, 'peak_rss_mb': hwm / 1024}))\n")
     out = subprocess.run([sys.executable, "-c", code, str(plan), str(rank), str(world_size)], capture_output=True,

@@ -1,6 +1,10 @@
 """The streaming loader for training: planned batches (shards/plan.py), read by ranged reads (shards/reader.py),
 decoded in torch DataLoader workers, with a state that resumes exactly.
 
+With `plan=DIR` (a plan written once, shards/plan_file.py; what training ranks use) a rank reads only its own
+batches' rows of the plan, never the manifest; without it the loader plans the subset itself from the
+manifest (one process: precompute's tasks, benchmarks, notebooks).
+
     loader = ShardLoader(LoaderConfig(shards="s3://bucket/shards", query="aesthetic >= 5", batch_size=8))
     for batch in loader:                 # endless unless config.epochs is set
         ...
@@ -52,6 +56,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -71,6 +76,8 @@ MEMBER_FILES = ("mp4", "json", "first.jpg", "last.jpg", "latents.safetensors", "
 # max_corrupt_fraction is of at least this many samples: one bad sample among the first few read is no reason
 # to stop a run
 MIN_READ_FOR_FRACTION = 100
+# batches of a written plan looked up at a time for substitutes of a batch whose every sample is corrupt
+FOLLOWING_CHUNK = 1024
 
 
 class CorruptDataError(RuntimeError):
@@ -113,22 +120,13 @@ def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-class BatchMaker:
-    """Turns a planned batch (subset positions) into a batch dict: reads, decodes, substitutes bad samples.
-    Decoded frames and loaded tensors are written straight into the batch's rows (no per-sample tensors,
-    no torch ops: torch's CPU kernels contend for cores with the training process)."""
+class Samples:
+    """Flat arrays of some samples' manifest columns: a whole subset, or the rows of one planned batch.
+    Flat arrays, not a dict per sample: forked workers share them without copying millions of objects."""
 
-    def __init__(self, manifest: Manifest, planner: SubsetPlanner, config: LoaderConfig) -> None:
-        self.config = config
-        self.planner = planner
-        rows = planner.rows
-        names = set(manifest.schema.names)
-        columns = [c for c in (*SAMPLE_COLUMNS, "motion_bucket", "captions", *manifest.score_columns,
-                               *(embedding_shape_column(c) for c in EMBEDDING_COLUMNS)) if c in names]
-        table = manifest.take(rows, list(dict.fromkeys(columns)))  # the subset's columns this loader uses
+    def __init__(self, table: pa.Table, score_columns: list[str]) -> None:
         members = table.column("members").combine_chunks()
         frame = table.drop(["members"]).to_pandas()
-        # flat arrays, not a dict per sample: forked workers share them without copying millions of objects
         self.keys = frame["key"].to_numpy(dtype=object)
         self.shard_names, self.shard_of = np.unique(frame["shard"].to_numpy(dtype=object).astype(str),
                                                     return_inverse=True)
@@ -141,29 +139,160 @@ class BatchMaker:
         self.duration = frame["duration_s"].to_numpy(dtype=float, na_value=np.nan)
         self.motion_bucket = (frame["motion_bucket"].to_numpy(dtype=float, na_value=np.nan)
                               if "motion_bucket" in frame else np.full(len(frame), np.nan))
-        self.scores = {c: frame[c].to_numpy(dtype=float, na_value=np.nan) for c in manifest.score_columns}
+        self.scores = {c: frame[c].to_numpy(dtype=float, na_value=np.nan) for c in score_columns}
         self.captions = frame["captions"].to_numpy(dtype=object) if "captions" in frame else None
-        self.embedding_shapes = (embedding_shapes(frame, manifest.root)
-                                 if config.read_embeddings and config.output == "tensors" else {})
-        self.reader = SampleReader(manifest.root)
 
-    def make(self, epoch: int, j: int) -> dict[str, Any]:
+    def shard(self, pos: int) -> str:
+        return str(self.shard_names[self.shard_of[pos]])
+
+
+def sample_columns(names: list[str], score_columns: list[str]) -> list[str]:
+    """The manifest columns a batch is made from, of those the shards have."""
+    return list(dict.fromkeys(c for c in (*SAMPLE_COLUMNS, "motion_bucket", "captions", *score_columns,
+                                          *(embedding_shape_column(c) for c in EMBEDDING_COLUMNS)) if c in names))
+
+
+# A batch to make: (bucket id, the samples it comes from, positions of its samples in them)
+Planned = tuple[int, Samples, np.ndarray]
+
+
+class SubsetBatches:
+    """Batches planned in this process over the manifest's subset (SubsetPlanner): for one-process users
+    (precompute's task for one shard, benchmarks, tests); training ranks read a written plan (PlanBatches)."""
+
+    def __init__(self, manifest: Manifest, config: LoaderConfig, rows: np.ndarray | None = None) -> None:
+        self.planner = SubsetPlanner.build(manifest, config, rows)
+        self.root, self.config = manifest.root, config
+        self.score_columns = manifest.score_columns
+        self.buckets = self.planner.buckets
+        self.fingerprint, self.num_refused = self.planner.fingerprint, self.planner.num_refused
+        table = manifest.take(self.planner.rows, sample_columns(manifest.schema.names, self.score_columns))
+        self.samples = Samples(table, self.score_columns)
+        shapes = [c for c in (embedding_shape_column(e) for e in EMBEDDING_COLUMNS) if c in table.column_names]
+        self.embedding_shapes = (embedding_shapes(table.select(shapes).to_pandas(), manifest.root)
+                                 if config.read_embeddings and config.output == "tensors" else {})
+
+    def epoch_batches(self, epoch: int) -> int:
+        return len(self.planner.plan(epoch))
+
+    def batches_for_rank(self, epoch: int, consumed: int, world_size: int) -> int:
+        return self.planner.batches_for_rank(epoch, consumed, world_size)
+
+    def stream(self, start: tuple[int, int], rank: int, world_size: int, worker: int,
+               num_workers: int) -> Iterator[tuple[int, int, tuple[int, int], Planned]]:
+        """(epoch, batch index, state after, the batch) of this worker's share of the rank's stream."""
+        for k, step in enumerate(self.planner.rank_stream(start, rank, world_size)):
+            if k % num_workers == worker:
+                bucket, items = self.planner.plan(step.epoch).batch(step.batch_index)
+                yield step.epoch, step.batch_index, step.state_after, (bucket, self.samples, items)
+
+    def following(self, epoch: int, j: int) -> Iterator[Planned]:
+        """The epoch's batches after j, wrapping around (where substitutes for a corrupt batch come from)."""
         plan = self.planner.plan(epoch)
-        bucket_id, items = plan.batch(j)
-        bucket = self.planner.buckets[bucket_id]
+        for k in range(1, len(plan) + 1):
+            bucket, items = plan.batch((j + k) % len(plan))
+            yield bucket, self.samples, items
+
+
+class PlanBatches:
+    """A rank's batches of a plan written once (shards/plan_file.py): it reads its own batches' rows of each
+    epoch file, never the manifest."""
+
+    def __init__(self, plan_dir: str, config: LoaderConfig, rank: int, world_size: int) -> None:
+        from shards.plan_file import RankSlice
+
+        self.slice = RankSlice(plan_dir, rank, world_size)
+        doc = self.slice.doc
+        differ = planned_settings_differ(doc["config"], config)
+        if differ:
+            raise ValueError(f"the plan in {plan_dir} was made with other settings ({', '.join(differ)}) than this "
+                             "loader's; write it again with these settings, or load with the plan's")
+        self.root, self.config = config.shards, config  # (this machine's path to the shards the plan was made of)
+        self.score_columns = list(doc["score_columns"])
+        self.buckets = [Bucket(kind, tuple(shape)) for kind, shape in doc["buckets"]]
+        self.fingerprint, self.num_refused = str(doc["fingerprint"]), int(doc.get("num_refused", 0))
+        self.embedding_shapes = ({k: tuple(v) for k, v in doc["embedding_shapes"].items()}
+                                 if config.read_embeddings and config.output == "tensors" else {})
+
+    def epoch_batches(self, epoch: int) -> int:
+        self._check_epoch(epoch)
+        return self.slice.epoch_batches(epoch)
+
+    def batches_for_rank(self, epoch: int, consumed: int, world_size: int) -> int:
+        left = self.epoch_batches(epoch) - consumed
+        if left <= 0:
+            return 0
+        return left // world_size if self.config.remainder == "drop" else -(-left // world_size)
+
+    def _check_epoch(self, epoch: int) -> None:
+        if epoch >= self.slice.num_epochs:
+            raise ValueError(f"the plan in {self.slice.path} holds {self.slice.num_epochs} epochs and the run needs "
+                             f"epoch {epoch}: start the run again (`lvd train` extends the plan), or set "
+                             "data.shards.epochs")
+
+    def _planned(self, batch) -> Planned:
+        return batch.bucket, Samples(batch.samples, self.score_columns), np.arange(batch.samples.num_rows)
+
+    def stream(self, start: tuple[int, int], rank: int, world_size: int, worker: int,
+               num_workers: int) -> Iterator[tuple[int, int, tuple[int, int], Planned]]:
+        epoch, consumed, k = start[0], start[1], 0
+        while self.config.epochs is None or epoch < self.config.epochs:
+            self._check_epoch(epoch)
+            dealt = self.slice.batch_indices(epoch, consumed)
+            # workers take every K-th batch of the rank's stream, counted across epochs, as DataLoader returns them
+            mine = [b for i, b in enumerate(dealt) if (k + i) % num_workers == worker]
+            k += len(dealt)
+            for batch in self.slice.read(epoch, mine, self._columns()):
+                yield epoch, batch.batch_index, batch.state_after, self._planned(batch)
+            epoch, consumed = epoch + 1, 0
+
+    def following(self, epoch: int, j: int) -> Iterator[Planned]:
+        m = self.epoch_batches(epoch)
+        for first in range(1, m + 1, FOLLOWING_CHUNK):  # (read a chunk at a time: usually the first suffices)
+            wanted = [((j + k) % m, None) for k in range(first, min(first + FOLLOWING_CHUNK, m + 1))]
+            for batch in self.slice.read(epoch, wanted, self._columns()):
+                yield self._planned(batch)
+
+    def _columns(self) -> list[str]:
+        return ["bucket", *SAMPLE_COLUMNS, "motion_bucket", "captions", *self.score_columns]
+
+
+def planned_settings_differ(planned: dict[str, Any], config: LoaderConfig) -> list[str]:
+    """The settings that shape a plan in which `config` differs from those a plan was made with."""
+    from shards.plan_file import NOT_PLANNED
+
+    mine = config.model_dump(mode="json")
+    return [k for k in mine if k not in NOT_PLANNED and k != "shards" and planned.get(k) != mine[k]]
+
+
+class BatchMaker:
+    """Turns a planned batch into a batch dict: reads, decodes, substitutes bad samples.
+    Decoded frames and loaded tensors are written straight into the batch's rows (no per-sample tensors,
+    no torch ops: torch's CPU kernels contend for cores with the training process)."""
+
+    def __init__(self, batches: SubsetBatches | PlanBatches, config: LoaderConfig) -> None:
+        self.config = config
+        self.batches = batches
+        self.buckets = batches.buckets
+        self.embedding_shapes = batches.embedding_shapes
+        self.reader = SampleReader(batches.root)
+
+    def make(self, epoch: int, j: int, planned: Planned) -> dict[str, Any]:
+        bucket_id, samples, items = planned
+        bucket = self.buckets[bucket_id]
         rng = np.random.default_rng([self.config.seed, epoch, j, 0x5A])
         draws = rng.random((len(items), 3))  # per slot: window start, stored frame, caption
         out = _BatchRows(len(items), _worker_slots(self.config))
         if self.config.output == "raw":  # one allocation for the whole batch's bytes
-            out.reserve_arena(int(self.size[items].sum()))
-        good: list[tuple[int, Any]] = []
+            out.reserve_arena(int(samples.size[items].sum()))
+        good: list[tuple[Samples, int, Any]] = []
         for slot, pos in enumerate(items):
-            sample = self._try_load(int(pos), bucket, draws[slot], out, len(good))
+            sample = self._try_load(samples, int(pos), bucket, draws[slot], out, len(good))
             if sample is not None:
-                good.append((int(pos), sample))
+                good.append((samples, int(pos), sample))
         num_corrupt, num_repeated = len(items) - len(good), 0
         if not good:
-            good = self._substitutes(plan, epoch, j, bucket_id, bucket, draws, out, len(items))
+            good = self._substitutes(epoch, j, bucket_id, bucket, draws, out, len(items))
             num_repeated = len(good)
         batch = self._collate(bucket, good, draws, out)
         batch.update(epoch=epoch, batch_index=j, num_read=len(items), num_corrupt=num_corrupt,
@@ -172,41 +301,42 @@ class BatchMaker:
             batch["_in_slot"] = out.names()
         return batch
 
-    def _try_load(self, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows", row: int) -> Any | None:
+    def _try_load(self, s: Samples, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows",
+                  row: int) -> Any | None:
         try:
             if self.config.output == "raw":
-                return self._read_whole(pos, out)
-            return self._decode(pos, bucket, draw, out, row)
+                return self._read_whole(s, pos, out)
+            return self._decode(s, pos, bucket, draw, out, row)
         except CORRUPT as e:
-            log.warning("skipping corrupt sample %s (%s @ %d): %s", self.keys[pos], self.shard_names[self.shard_of[pos]],
-                        self.offset[pos], e)
+            log.warning("skipping corrupt sample %s (%s @ %d): %s", s.keys[pos], s.shard(pos), s.offset[pos], e)
             return None
 
-    def _read_whole(self, pos: int, out: "_BatchRows") -> dict[str, Any]:
+    def _read_whole(self, s: Samples, pos: int, out: "_BatchRows") -> dict[str, Any]:
         """Every member, as views of the batch's byte arena (bytes when crossing to another process)."""
-        shard = str(self.shard_names[self.shard_of[pos]])
-        data = self.reader.read_bytes(shard, int(self.offset[pos]), int(self.size[pos]), out.arena(int(self.size[pos])))
-        if self.config.verify_samples and crc32(data) != self.crc[pos]:
-            raise SampleFormatError(f"crc32 mismatch in {shard} at offset {self.offset[pos]}")
-        members = parse_sample(data, str(self.keys[pos]))
+        shard = s.shard(pos)
+        data = self.reader.read_bytes(shard, int(s.offset[pos]), int(s.size[pos]), out.arena(int(s.size[pos])))
+        if self.config.verify_samples and crc32(data) != s.crc[pos]:
+            raise SampleFormatError(f"crc32 mismatch in {shard} at offset {s.offset[pos]}")
+        members = parse_sample(data, str(s.keys[pos]))
         if get_worker_info() is not None:
             return {ext: bytes(v) for ext, v in members.items()}
         return members
 
-    def _read_members(self, pos: int, wanted: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, memoryview]:
+    def _read_members(self, s: Samples, pos: int, wanted: tuple[str, ...],
+                      optional: tuple[str, ...]) -> dict[str, memoryview]:
         """Only the members a batch needs (the latents and not the mp4, one frame jpg, ...), in as few reads as
         their placement allows. Views of the reader's buffer: valid until its next read."""
         names, ranges = [], []
         for ext in wanted + optional:
-            off, size, _ = (a[pos] for a in self.members[ext])
+            off, size, _ = (a[pos] for a in s.members[ext])
             if off < 0:
                 if ext in wanted:
-                    raise KeyError(f"sample {self.keys[pos]} has no {ext}")
+                    raise KeyError(f"sample {s.keys[pos]} has no {ext}")
                 continue
             names.append(ext)
-            ranges.append((int(self.offset[pos] + off), int(size)))
+            ranges.append((int(s.offset[pos] + off), int(size)))
         spans = coalesce(ranges)
-        views = self.reader.read_spans(str(self.shard_names[self.shard_of[pos]]), [(o, n) for o, n, _ in spans])
+        views = self.reader.read_spans(s.shard(pos), [(o, n) for o, n, _ in spans])
         members: dict[str, memoryview] = {}
         for (s_off, _, inside), view in zip(spans, views):
             for i in inside:
@@ -214,11 +344,12 @@ class BatchMaker:
                 members[names[i]] = view[o - s_off : o - s_off + n]
         if self.config.verify_samples:
             for ext, data in members.items():
-                if crc32(data) != self.members[ext][2][pos]:
+                if crc32(data) != s.members[ext][2][pos]:
                     raise SampleFormatError(f"crc32 mismatch in member {ext}")
         return members
 
-    def _decode(self, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows", row: int) -> dict[str, Any]:
+    def _decode(self, s: Samples, pos: int, bucket: Bucket, draw: np.ndarray, out: "_BatchRows",
+                row: int) -> dict[str, Any]:
         """Writes the sample's frames or latents (and text) into row `row` of `out`; returns its json."""
         optional = ("json", "text.safetensors") if self.config.read_json else ("text.safetensors",)
         if self.embedding_shapes:
@@ -228,11 +359,11 @@ class BatchMaker:
             which = "first" if draw[1] < 0.5 else "last"
         if bucket.kind == LATENTS:
             wanted = ("latents.safetensors",)
-        elif bucket.kind == VIDEO or self.members[f"{which}.jpg"][0][pos] < 0:
+        elif bucket.kind == VIDEO or s.members[f"{which}.jpg"][0][pos] < 0:
             wanted = ("mp4",)  # (an image from shards without frame jpgs comes from the video)
         else:
             wanted = (f"{which}.jpg",)
-        members = self._read_members(pos, wanted, optional)
+        members = self._read_members(s, pos, wanted, optional)
         meta = json.loads(bytes(members["json"])) if "json" in members else {}
         text = members.get("text.safetensors")
         text_view = tensor_view(text, "text") if text is not None else None  # parsed first: a bad one is caught here
@@ -244,15 +375,15 @@ class BatchMaker:
             out.put("latents", row, dtype, shape, np.frombuffer(data, np.uint8))
         else:
             _, h, w = bucket.shape
-            display = (int(self.width[pos]), int(self.height[pos]))
+            display = (int(s.width[pos]), int(s.height[pos]))
             if bucket.kind == VIDEO:
                 t = bucket.shape[0]
                 start = 0.0
                 if self.config.clip_start == "random":
-                    start = float(draw[0] * max(0.0, self.duration[pos] - t / self.config.fps))
+                    start = float(draw[0] * max(0.0, s.duration[pos] - t / self.config.fps))
                 frames = decode_window(members["mp4"], start, t, self.config.fps, (h, w), display)
             elif wanted == ("mp4",):
-                at = 0.0 if which == "first" else max(0.0, self.duration[pos] - 1e-3)
+                at = 0.0 if which == "first" else max(0.0, s.duration[pos] - 1e-3)
                 frames = decode_window(members["mp4"], at, 1, 1.0, (h, w), display)
             else:
                 frames = decode_image(members[wanted[0]], (h, w))[None]
@@ -279,21 +410,20 @@ class BatchMaker:
             out[column] = raw
         return out
 
-    def _substitutes(self, plan, epoch: int, j: int, bucket_id: int, bucket: Bucket, draws: np.ndarray,
+    def _substitutes(self, epoch: int, j: int, bucket_id: int, bucket: Bucket, draws: np.ndarray,
                      out: "_BatchRows", size: int) -> list:
         """Every sample of batch j is corrupt: the next good samples of its bucket in the plan take their place
         (deterministic, so a resumed run does the same), so that the rank still yields a batch."""
         good: list = []
-        for k in range(1, len(plan) + 1):
-            other_bucket, items = plan.batch((j + k) % len(plan))
+        for other_bucket, samples, items in self.batches.following(epoch, j):
             if other_bucket != bucket_id:
                 continue
             for slot, pos in enumerate(items):
                 if len(good) == size:
                     break
-                sample = self._try_load(int(pos), bucket, draws[slot % len(draws)], out, len(good))
+                sample = self._try_load(samples, int(pos), bucket, draws[slot % len(draws)], out, len(good))
                 if sample is not None:
-                    good.append((int(pos), sample))
+                    good.append((samples, int(pos), sample))
             if len(good) == size:
                 break
         if not good:
@@ -303,14 +433,14 @@ class BatchMaker:
                     "their place (read twice this epoch)", j, epoch, len(good))
         return good
 
-    def _collate(self, bucket: Bucket, good: list[tuple[int, Any]], draws: np.ndarray, out: "_BatchRows") -> dict[str, Any]:
-        pos = np.array([p for p, _ in good], dtype=np.int64)
-        batch: dict[str, Any] = {"kind": bucket.kind, "key": [str(self.keys[p]) for p in pos]}
+    def _collate(self, bucket: Bucket, good: list[tuple[Samples, int, Any]], draws: np.ndarray,
+                 out: "_BatchRows") -> dict[str, Any]:
+        batch: dict[str, Any] = {"kind": bucket.kind, "key": [str(s.keys[p]) for s, p, _ in good]}
         if self.config.output == "raw":
-            batch["files"] = [s for _, s in good]
-            batch["num_bytes"] = int(self.size[pos].sum())
+            batch["files"] = [sample for _, _, sample in good]
+            batch["num_bytes"] = int(sum(s.size[p] for s, p, _ in good))
             return batch
-        b = len(pos)  # the good samples fill the batch's first b rows
+        b = len(good)  # the good samples fill the batch's first b rows
         if bucket.kind == LATENTS:
             batch["latents_BTCHW"] = out.tensor("latents", b)
         else:
@@ -320,26 +450,28 @@ class BatchMaker:
         for column in self.embedding_shapes:
             batch[column] = out.tensor(column, b)
             batch[f"{column}_mask"] = out.mask(column)[:b].copy()
-        batch["caption"] = [self._caption(p, draws[k % len(draws), 2]) for k, p in enumerate(pos)]
+        batch["caption"] = [_caption(s, p, draws[k % len(draws), 2]) for k, (s, p, _) in enumerate(good)]
         # small per-sample values travel as numpy (pickled inline): a torch tensor from a worker would get a
         # shared-memory segment and a file descriptor of its own; _small_to_torch makes them tensors at the end
         batch["fps_B"] = np.full(b, 0.0 if bucket.kind == IMAGE else self.config.fps, np.float32)
-        batch["motion_bucket_B"] = self.motion_bucket[pos].astype(np.float32)
+        batch["motion_bucket_B"] = np.array([s.motion_bucket[p] for s, p, _ in good], np.float32)
         batch["is_image_B"] = np.full(b, bucket.kind == IMAGE)
-        batch["scores"] = {c: v[pos].astype(np.float32) for c, v in self.scores.items()}
+        batch["scores"] = {c: np.array([s.scores[c][p] for s, p, _ in good], np.float32)
+                           for c in self.batches.score_columns}
         if self.config.read_json:
-            batch["meta"] = [s for _, s in good]
+            batch["meta"] = [sample for _, _, sample in good]
         return batch
 
-    def _caption(self, pos: int, u: float) -> str:
-        caps = self.captions[pos] if self.captions is not None else None
-        if caps is None or len(caps) == 0:
-            return ""
-        weights = np.array([max(0.0, float(c.get("weight") or 0.0)) for c in caps])
-        if weights.sum() <= 0:
-            weights = np.ones(len(caps))
-        k = int(np.searchsorted(np.cumsum(weights) / weights.sum(), u, side="right"))
-        return str(caps[min(k, len(caps) - 1)].get("text") or "")
+
+def _caption(s: Samples, pos: int, u: float) -> str:
+    caps = s.captions[pos] if s.captions is not None else None
+    if caps is None or len(caps) == 0:
+        return ""
+    weights = np.array([max(0.0, float(c.get("weight") or 0.0)) for c in caps])
+    if weights.sum() <= 0:
+        weights = np.ones(len(caps))
+    k = int(np.searchsorted(np.cumsum(weights) / weights.sum(), u, side="right"))
+    return str(caps[min(k, len(caps) - 1)].get("text") or "")
 
 
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -570,12 +702,10 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stream = self.maker.planner.rank_stream(self.start, self.rank, self.world_size)
-        for k, step in enumerate(stream):
-            if k % num_workers != worker:
-                continue
-            batch = self.maker.make(step.epoch, step.batch_index)
-            batch["state"] = {"epoch": step.state_after[0], "consumed": step.state_after[1]}
+        stream = self.maker.batches.stream(self.start, self.rank, self.world_size, worker, num_workers)
+        for epoch, j, state_after, planned in stream:
+            batch = self.maker.make(epoch, j, planned)
+            batch["state"] = {"epoch": state_after[0], "consumed": state_after[1]}
             batch["worker"] = (self.rank, worker)
             yield batch
 
@@ -615,17 +745,25 @@ class ShardLoader:
     """Iterable of batches for one rank, with exact resume. See the module docstring."""
 
     def __init__(self, config: LoaderConfig, rank: int | None = None, world_size: int | None = None,
-                 manifest: Manifest | None = None, rows: np.ndarray | None = None) -> None:
-        """`rows`: the subset as manifest rows, instead of config's query or subset file (a caller that has
-        computed it already, e.g. precompute's task for one shard)."""
+                 manifest: Manifest | None = None, rows: np.ndarray | None = None, plan: str | None = None) -> None:
+        """`plan`: a plan folder written once for this config (shards/plan_file.py, as `lvd train` and `lvd shards
+        plan` write it): the rank reads only its own batches of it, never the manifest. Without it the plan is
+        made here from the manifest. `rows`: the subset as manifest rows, instead of config's query or subset file
+        (a caller that has computed it already, e.g. precompute's task for one shard)."""
         self.config = config
         self.rank, self.world_size = resolve_world(rank, world_size)
-        self.manifest = manifest or Manifest.load(config.shards)
-        self.planner = SubsetPlanner.build(self.manifest, config, rows)
-        self.maker = BatchMaker(self.manifest, self.planner, config)
+        if plan is not None:
+            if manifest is not None or rows is not None:
+                raise ValueError("pass a plan folder or a manifest and rows, not both: the plan holds the subset")
+            self.manifest: Manifest | None = None
+            self.batches: SubsetBatches | PlanBatches = PlanBatches(plan, config, self.rank, self.world_size)
+        else:
+            self.manifest = manifest or Manifest.load(config.shards)
+            self.batches = SubsetBatches(self.manifest, config, rows)
+        self.maker = BatchMaker(self.batches, config)
         self.epoch, self.consumed = 0, 0
         self.num_read, self.num_corrupt, self.num_repeated = 0, 0, 0
-        self.num_refused = self.planner.num_refused  # hostile names, left out of the plan (shards/names.py)
+        self.num_refused = self.batches.num_refused  # hostile names, left out of the plan (shards/names.py)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         dataset = ShardDataset(self.maker, (self.epoch, self.consumed), self.rank, self.world_size)
@@ -660,26 +798,26 @@ class ShardLoader:
         """Batches this rank yields in `epoch` (default: what is left of the current one); the same on every
         rank unless remainder=uneven."""
         if epoch is None or epoch == self.epoch:
-            return self.planner.batches_for_rank(self.epoch, self.consumed, self.world_size)
-        return self.planner.batches_for_rank(epoch, 0, self.world_size)
+            return self.batches.batches_for_rank(self.epoch, self.consumed, self.world_size)
+        return self.batches.batches_for_rank(epoch, 0, self.world_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "epoch": self.epoch, "consumed": self.consumed,
-                "plan": self.planner.fingerprint, "world_size": self.world_size,
+                "plan": self.batches.fingerprint, "world_size": self.world_size,
                 "num_read": self.num_read, "num_corrupt": self.num_corrupt, "num_repeated": self.num_repeated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}; it comes from "
                              "another lvd version")
-        if state["plan"] != self.planner.fingerprint:
+        if state["plan"] != self.batches.fingerprint:
             raise ValueError("the loader state was saved for another plan: the subset (query, shards), seed, batch "
                              "sizes, buckets or image mixing differ from this config. Restore with the config of the "
                              "saved run (only the number of ranks and workers may change)")
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if consumed > len(self.planner.plan(epoch)):
+        if consumed > self.batches.epoch_batches(epoch):
             raise ValueError(f"loader state consumed {consumed} batches of epoch {epoch}, which has only "
-                             f"{len(self.planner.plan(epoch))}")
+                             f"{self.batches.epoch_batches(epoch)}")
         self.epoch, self.consumed = epoch, consumed
         self.num_read, self.num_corrupt, self.num_repeated = (int(state.get(k, 0)) for k in
                                                               ("num_read", "num_corrupt", "num_repeated"))

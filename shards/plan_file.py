@@ -1,9 +1,12 @@
-"""The training plan written once (`lvd shards plan`), and each rank's slice of it read back in bounded memory.
+"""The training plan written once (`lvd train` into OUTPUT/plan, `lvd shards plan`), and each rank's slice of it
+read back in bounded memory (ShardLoader(config, plan=DIR) reads batches this way).
 
 The plan is the loader's (shards/plan.py: the same subset, buckets, batches and dealing to ranks), computed on
-one machine and written as parquet:
+one machine and written as parquet, each file under a temporary name and renamed, plan.json last:
 
-    plan.json                   format, the loader settings, fingerprint, buckets, batches per epoch
+    plan.json                   format, source (the manifest's fingerprint and the planning settings: a plan is
+                                reused only for the same), the loader settings, fingerprint, buckets, batches
+                                per epoch, score columns, embedding shapes
     subset.parquet              one row per subset position: position, row (in the manifest), key, video_bucket,
                                 image_bucket
     epoch-00000.parquet ...     one row per sample of each planned batch, in batch order: batch, slot, bucket,
@@ -14,15 +17,20 @@ one machine and written as parquet:
 A rank keeps only its own batches of an epoch file: it reads the file one row group at a time (those whose
 batch range holds none of its batches, e.g. before a resumed position, are skipped by their footer
 statistics) and filters it, so its memory is one row group and one batch, whatever the size of the dataset.
-(Its reads still cover the epoch file's row groups, as batches are dealt round-robin to ranks.) Its batches are those of `SubsetPlanner.rank_stream`: rank r
-of W gets batches c + r, c + r + W, ... of the epoch (c: batches consumed when the pass starts), data-loader
+(Its reads still cover the epoch file's row groups, as batches are dealt round-robin to ranks.) Its batches
+are those of `SubsetPlanner.rank_stream`: rank r of W gets batches c + r, c + r + W, ... of the epoch (c: batches
+consumed when the pass starts), data-loader
 worker k of K every K-th of them, so resume and a change of world size behave exactly as the in-process plan.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,20 +68,47 @@ class PlanSummary:
                 f"{', '.join(map(str, self.batches[:5]))}{', ...' if len(self.batches) > 5 else ''} batches in {self.out}"]
 
 
-def write_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs: int) -> PlanSummary:
-    """Builds the plan of `config` over `manifest` once and writes it to `out` (see the module docstring)."""
+# LoaderConfig fields that do not change the plan (how it is read, not what it holds)
+NOT_PLANNED = ("epochs", "num_workers", "prefetch_factor", "pin_memory", "read_json", "verify_samples",
+               "max_corrupt_fraction")
+
+
+def plan_source(manifest: Manifest, config: LoaderConfig) -> str:
+    """What a plan is made from: the manifest's samples and the settings that shape the plan. A plan folder whose
+    plan.json has another source was made for other data or settings."""
+    settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in NOT_PLANNED}
+    doc = json.dumps({"manifest": manifest.fingerprint(), "config": settings}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def write_plan(manifest: Manifest, config: LoaderConfig, out: str | Path,
+               epochs: int | Callable[[int], int]) -> PlanSummary:
+    """Builds the plan of `config` over `manifest` once and writes it to `out` (see the module docstring).
+    `epochs`: a count, or a function of the batches per epoch that gives it. Every file is written under a
+    temporary name and renamed; plan.json last, so its presence means the plan is complete."""
+    planner = SubsetPlanner.build(manifest, config)
+    if callable(epochs):
+        epochs = epochs(len(planner.plan(0)))
     if epochs < 1:
         raise ValueError(f"epochs ({epochs}) must be at least 1: the plan is written epoch by epoch")
-    planner = SubsetPlanner.build(manifest, config)
     names = manifest.schema.names
     columns = list(dict.fromkeys([*(c for c in READ_COLUMNS if c in names), *manifest.score_columns,
                                   *(embedding_shape_column(c) for c in EMBEDDING_COLUMNS if embedding_shape_column(c) in names)]))
     samples = manifest.take(planner.rows, columns)
+    embeddings: dict[str, list[int]] = {}
+    if config.read_embeddings and config.output == "tensors":
+        from shards.loader import embedding_shapes
+
+        shape_columns = [c for c in columns if c in {embedding_shape_column(e) for e in EMBEDDING_COLUMNS}]
+        embeddings = {k: list(v) for k, v in
+                      embedding_shapes(samples.select(shape_columns).to_pandas(), manifest.root).items()}
     fs, path = fsspec.core.url_to_fs(str(out))
     fs.makedirs(path, exist_ok=True)
+    if fs.exists(join(path, "plan.json")):
+        fs.rm(join(path, "plan.json"))  # the folder holds no complete plan until this one is
     subset = pa.table({"position": np.arange(len(planner.rows)), "row": planner.rows, "key": samples.column("key"),
                        "video_bucket": planner.video_bucket, "image_bucket": planner.image_bucket})
-    pq.write_table(subset, join(path, "subset.parquet"), filesystem=fs, row_group_size=ROW_GROUP)
+    _write_table(fs, subset, join(path, "subset.parquet"))
     batches = []
     for epoch in range(epochs):
         plan = planner.plan(epoch)
@@ -83,16 +118,36 @@ def write_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs
                           "bucket": plan.bucket_ids[batch].astype(np.int32), "position": plan.items})
         for name in columns:
             table = table.append_column(name, samples.column(name).take(pa.array(plan.items)))
-        pq.write_table(table, join(path, epoch_file(epoch)), filesystem=fs, row_group_size=ROW_GROUP)
+        _write_table(fs, table, join(path, epoch_file(epoch)))
         batches.append(len(plan))
         planner._cache = None  # one epoch's plan in memory at a time
-    doc = {"format": FORMAT, "shards": manifest.root, "fingerprint": planner.fingerprint,
-           "num_samples": len(planner.rows), "batches": batches, "remainder": config.remainder,
+    doc = {"format": FORMAT, "shards": manifest.root, "source": plan_source(manifest, config),
+           "fingerprint": planner.fingerprint, "num_samples": len(planner.rows), "num_refused": planner.num_refused,
+           "batches": batches, "remainder": config.remainder,
            "buckets": [[b.kind, list(b.shape)] for b in planner.buckets], "excluded": planner.excluded,
+           "score_columns": manifest.score_columns, "embedding_shapes": embeddings,
            "config": config.model_dump(mode="json")}
-    with fs.open(join(path, "plan.json"), "w") as f:  # last: its presence means the plan is complete
+    tmp = join(path, f".plan.json.{uuid.uuid4().hex}")
+    with fs.open(tmp, "w") as f:
         json.dump(doc, f, indent=2)
+    fs.mv(tmp, join(path, "plan.json"))
     return PlanSummary(str(out), len(planner.rows), batches, planner.fingerprint)
+
+
+def _write_table(fs, table: pa.Table, dest: str) -> None:
+    tmp = join(posixpath.dirname(dest), f".{posixpath.basename(dest)}.{uuid.uuid4().hex}")
+    pq.write_table(table, tmp, filesystem=fs, row_group_size=ROW_GROUP)
+    fs.mv(tmp, dest)
+
+
+def read_plan_doc(plan_dir: str | Path) -> dict | None:
+    """plan.json of a complete plan in `plan_dir`, or None."""
+    fs, path = fsspec.core.url_to_fs(str(plan_dir))
+    try:
+        with fs.open(join(path, "plan.json"), "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
 
 
 @dataclass
@@ -101,7 +156,7 @@ class PlannedBatch:
     batch_index: int
     bucket: int
     samples: pa.Table            # the batch's rows of the epoch file, in slot order
-    state_after: tuple[int, int]
+    state_after: tuple[int, int] | None
 
 
 class RankSlice:
@@ -148,21 +203,36 @@ class RankSlice:
 
     def batches(self, epoch: int, consumed: int = 0, columns: list[str] | None = None) -> Iterator[PlannedBatch]:
         """This rank's batches of `epoch` from state (epoch, consumed), reading one row group at a time."""
-        wanted = self.batch_indices(epoch, consumed)
+        yield from self.read(epoch, self.batch_indices(epoch, consumed), columns)
+
+    def read(self, epoch: int, wanted: list[tuple[int, tuple[int, int] | None]],
+             columns: list[str] | None = None) -> Iterator[PlannedBatch]:
+        """The batches `wanted` ((batch index, state after), in dealing order) of `epoch`'s file."""
         # pad wraps the last step around to the epoch's first batches: those are read in a second pass
-        ascending = [b for k, b in enumerate(wanted) if k == 0 or b[0] > wanted[k - 1][0]]
-        wrapped = wanted[len(ascending):]
+        cut = next((k for k in range(1, len(wanted)) if wanted[k][0] <= wanted[k - 1][0]), len(wanted))
+        ascending, wrapped = wanted[:cut], wanted[cut:]
         for part in (ascending, wrapped):
             if part:
                 yield from self._read(epoch, part, columns)
 
-    def _read(self, epoch: int, wanted: list[tuple[int, tuple[int, int]]], columns: list[str] | None) -> Iterator[PlannedBatch]:
+    @property
+    def num_epochs(self) -> int:
+        """Epochs the plan holds."""
+        return len(self.doc["batches"])
+
+    def epoch_batches(self, epoch: int) -> int:
+        """Batches of `epoch` over all ranks."""
+        return int(self.doc["batches"][epoch])
+
+    def _read(self, epoch: int, wanted: list[tuple[int, tuple[int, int] | None]],
+              columns: list[str] | None) -> Iterator[PlannedBatch]:
         index = np.array([j for j, _ in wanted], np.int64)
         after = dict(wanted)
         with self.fs.open(join(self.path, epoch_file(epoch)), "rb") as f:
             pf = pq.ParquetFile(f)
             col = pf.schema_arrow.get_field_index("batch")
-            names = None if columns is None else list(dict.fromkeys(["batch", "bucket", *columns]))
+            names = (None if columns is None else  # (columns the manifest had none of are not in the file)
+                     [c for c in dict.fromkeys(["batch", "bucket", *columns]) if c in pf.schema_arrow.names])
             carry: pa.Table | None = None
             for g in range(pf.num_row_groups):
                 stats = pf.metadata.row_group(g).column(col).statistics
@@ -193,3 +263,66 @@ class RankSlice:
             if carry is not None and carry.num_rows:
                 j = int(carry.column("batch")[0].as_py())
                 yield PlannedBatch(epoch, j, int(carry.column("bucket")[0].as_py()), carry, after[j])
+
+
+FAILED = "failed.json"
+# how far behind the waiting rank's clock rank 0's may be (another node)
+CLOCK_SLACK_S = 60.0
+
+
+def ensure_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs: Callable[[int], int],
+                keep: bool = False) -> dict:
+    """The plan of `config` over `manifest` in `out`: the one there when it was made from the same manifest and
+    settings and holds enough epochs (`epochs`: of the batches per epoch), else written anew. `keep`: a run
+    resumes from this plan, so a plan made from other data or settings is an error, not replaced (the
+    checkpoint's position means something only in the plan it was taken in). Returns plan.json's content."""
+    source = plan_source(manifest, config)
+    doc = read_plan_doc(out)
+    if doc is not None and doc.get("format") == FORMAT and doc.get("source") == source:
+        if len(doc["batches"]) >= epochs(doc["batches"][0]):
+            return doc
+    elif doc is not None and keep:
+        raise ValueError(f"the plan in {out} was made from other shards or data settings than this run's, and the "
+                         "run resumes from a checkpoint taken in it: resume with the run's original shards and "
+                         "data settings, or train into a new output folder")
+    fs, path = fsspec.core.url_to_fs(str(out))
+    if fs.exists(join(path, FAILED)):
+        fs.rm(join(path, FAILED))
+    # never fewer epochs than the plan had (a run on more ranks may have needed them); a longer plan keeps every
+    # epoch the shorter one had: each epoch is a function of the seed and its number
+    had = len(doc["batches"]) if doc is not None and doc.get("source") == source else 0
+    write_plan(manifest, config, out, lambda m: max(epochs(m), had))
+    return read_plan_doc(out)
+
+
+def plan_failed(manifest: Manifest, config: LoaderConfig, out: str | Path, message: str) -> None:
+    """Tells the ranks waiting for the plan in `out` (wait_for_plan) that it will not come, and why."""
+    fs, path = fsspec.core.url_to_fs(str(out))
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(join(path, FAILED), "w") as f:
+        json.dump({"source": plan_source(manifest, config), "time": time.time(), "message": message}, f)
+
+
+def wait_for_plan(manifest: Manifest, config: LoaderConfig, out: str | Path, epochs: Callable[[int], int],
+                  timeout_s: float, poll_s: float = 1.0) -> dict:
+    """Waits until `out` holds the plan of `config` over `manifest` with enough epochs (another process writes
+    it: ensure_plan), and returns plan.json's content. A failure marker of this plan written since the wait
+    began (an older one is a past attempt's), or `timeout_s`, end the wait with an error."""
+    source = plan_source(manifest, config)
+    fs, path = fsspec.core.url_to_fs(str(out))
+    began, deadline = time.time() - CLOCK_SLACK_S, time.monotonic() + timeout_s
+    while True:
+        doc = read_plan_doc(out)
+        if doc is not None and doc.get("source") == source and len(doc["batches"]) >= epochs(doc["batches"][0]):
+            return doc
+        try:
+            with fs.open(join(path, FAILED), "r") as f:
+                failed = json.load(f)
+            if failed.get("source") == source and failed.get("time", 0) >= began:
+                raise ValueError(f"rank 0 could not write the plan in {out}: {failed.get('message')}")
+        except (FileNotFoundError, json.JSONDecodeError):  # (none, or one being written)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no plan for this run in {out} after {timeout_s:g} s (rank 0 writes it): check rank "
+                               "0's log, or raise data.plan_timeout_s for a subset that takes longer to plan")
+        time.sleep(poll_s)

@@ -2,7 +2,8 @@
 shard loader's format (see shards/loader.py) with `state_dict()` / `load_state_dict()` for exact resume.
 
 Two sources fit it:
-- `ShardLoader` (shards/loader.py): the stage's subset of the manifest, decoded (or precomputed latents).
+- `ShardLoader` (shards/loader.py): the stage's subset of the manifest, decoded (or precomputed latents). Each
+  rank reads its own batches of the stage's plan, written once into OUTPUT/plan (stage_plan).
 - `SyntheticBatches`: batches made in memory once at start-up; for tests that need no shards and for the
   data-free side of `lvd bench train`.
 
@@ -15,13 +16,14 @@ Letters: B batch, T frames, C channels, H x W pixels (or latent cells).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from training.train_config import DataConfig, SyntheticDataConfig
+from training.train_config import SyntheticDataConfig, TrainConfig
 
 STATE_FORMAT = 1
 
@@ -130,11 +132,64 @@ class SyntheticBatches:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
-def make_batch_source(config: DataConfig, rank: int, world_size: int, latent_channels: int,
+PLAN_DIR = "plan"
+
+
+class PlanError(RuntimeError):
+    """The stage's plan could not be made or found: data settings that select nothing, a plan of other data
+    under a resumed run, rank 0's failure or a timeout while waiting for it. The message says what to do."""
+
+
+def plan_epochs(config: TrainConfig, world_size: int) -> Callable[[int], int]:
+    """Epochs a stage's plan must hold, given its batches per epoch: enough for every step on `world_size` ranks,
+    with a margin for the epoch a resumed run (on another number of ranks) is in the middle of; no more than
+    data.shards.epochs."""
+    loader = config.data.shards
+    assert loader is not None
+    micro_batches = config.steps * config.deepspeed.gradient_accumulation_steps
+
+    def epochs(batches: int) -> int:
+        per_rank = batches // world_size if loader.remainder == "drop" else -(-batches // world_size)
+        needed = -(-micro_batches // max(1, per_rank)) + 2
+        return needed if loader.epochs is None else min(loader.epochs, needed)
+
+    return epochs
+
+
+def stage_plan(config: TrainConfig, rank: int, world_size: int, waited_for: bool = True) -> str:
+    """The folder of the stage's plan (OUTPUT/plan), once it is there: built once, by rank 0 (or reused, when
+    `lvd train` wrote it before the ranks started, or the run resumes), while the other ranks wait for it.
+    `waited_for`: other ranks wait, so rank 0 leaves a failure marker for them when it cannot write it."""
+    from shards.manifest import Manifest
+    from shards.plan_file import ensure_plan, plan_failed, wait_for_plan
+    from training.checkpoint import LATEST
+
+    loader = config.data.shards
+    assert loader is not None
+    out = Path(config.output) / PLAN_DIR
+    try:
+        manifest = Manifest.load(loader.shards)  # (its shard list: the plan's source is the shards' fingerprint)
+        epochs = plan_epochs(config, world_size)
+        if rank != 0:
+            wait_for_plan(manifest, loader, out, epochs, config.data.plan_timeout_s)
+            return str(out)
+        try:
+            ensure_plan(manifest, loader, out, epochs, keep=(Path(config.output) / "checkpoints" / LATEST).is_file())
+        except Exception as e:
+            if waited_for:
+                plan_failed(manifest, loader, out, str(e))
+            raise
+    except (ValueError, FileNotFoundError, TimeoutError) as e:
+        raise PlanError(str(e)) from None
+    return str(out)
+
+
+def make_batch_source(config: TrainConfig, rank: int, world_size: int, latent_channels: int,
                       downsample: int) -> BatchSource:
-    if config.source == "synthetic":
-        return SyntheticBatches(config.synthetic, rank, world_size, latent_channels, downsample)
+    data = config.data
+    if data.source == "synthetic":
+        return SyntheticBatches(data.synthetic, rank, world_size, latent_channels, downsample)
     from shards.loader import ShardLoader
 
-    assert config.shards is not None  # DataConfig checks it
-    return ShardLoader(config.shards, rank=rank, world_size=world_size)
+    assert data.shards is not None  # DataConfig checks it
+    return ShardLoader(data.shards, rank=rank, world_size=world_size, plan=stage_plan(config, rank, world_size))

@@ -29,19 +29,19 @@ class Rendezvous:
     master_port: int | None = None
 
 
-def check_data(config: TrainConfig) -> None:
-    """Resolves the stage's subset once, before any launcher starts: missing shards, a query naming a score no
-    sample has, or one that selects nothing is one line here instead of a traceback from every rank."""
+def check_data(config: TrainConfig, world_size: int = 1) -> None:
+    """Writes the stage's plan (OUTPUT/plan: subset, buckets, each epoch's batches; training/data.stage_plan)
+    once, before any launcher starts, or finds the one there: missing shards, a query naming a score no sample
+    has, or one that selects nothing is one line here instead of a traceback from every rank, and the ranks
+    only read their slices of it."""
     if config.data.source != "shards":
         return
     from common.config import ConfigError
-    from shards.manifest import Manifest
-    from shards.plan import SubsetPlanner
+    from training.data import PlanError, stage_plan
 
-    loader = config.data.shards
     try:
-        SubsetPlanner.build(Manifest.load(loader.shards), loader)
-    except (ValueError, FileNotFoundError) as e:
+        stage_plan(config, 0, world_size, waited_for=False)  # (no rank has started)
+    except PlanError as e:
         raise ConfigError(f"data.shards: {e}") from None
 
 

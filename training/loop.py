@@ -118,7 +118,7 @@ class Trainer:
         trained = {n: p for n, p in module.named_parameters() if p.requires_grad}
         ema = EMA(c.ema, trained, ctx.rank, zero3) if c.ema.enabled else None
 
-        batches = self.batches or make_batch_source(c.data, ctx.rank, ctx.world_size, model.config.latent_channels,
+        batches = self.batches or make_batch_source(c, ctx.rank, ctx.world_size, model.config.latent_channels,
                                                     model.config.vae.downsample)
         start_step, samples_seen = 0, 0
         log = MetricsLogger(self.out, c.steps, c.logging.report_to, ctx.rank, run_name=c.name,

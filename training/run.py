@@ -7,7 +7,9 @@
     deepspeed --num_gpus 8 --module training.run RECIPE                                  # DeepSpeed launcher
     deepspeed --num_accelerators 2 --module training.run RECIPE                          # ... on CPU
 
-Re-running the same command resumes from OUT/checkpoints/latest. Ray Train runs the same Trainer through
+Re-running the same command resumes from OUT/checkpoints/latest. Rank 0 writes the stage's data plan into
+OUT/plan unless it is there already (`lvd train` writes it before starting the ranks); the other ranks wait
+for it (data.plan_timeout_s) and read only their batches of it. Ray Train runs the same Trainer through
 training/launch.py (`lvd train RECIPE --launcher ray`).
 """
 
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training.run: {e}", file=sys.stderr)
         return 2
     from shards.loader import CorruptDataError
+    from training.data import PlanError
     from training.loop import Trainer
     from training.weights_only import UnsafeCheckpoint
 
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         Trainer(config).run()
     except UnsafeCheckpoint as e:
         print(f"training.run: {e}", file=sys.stderr)
+        return 2
+    except PlanError as e:  # the data settings or the plan folder: one line, not a traceback from every rank
+        print(f"training.run: data.shards: {e}", file=sys.stderr)
         return 2
     except CorruptDataError as e:  # the data, not the code: one line saying what to do (the launcher stops the other ranks)
         print(f"training.run: {e}", file=sys.stderr)

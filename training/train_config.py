@@ -69,6 +69,9 @@ class DataConfig(Config):
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
     default_motion_bucket: float = 127.0
     """Motion bucket for clips curation gave none (NaN in the manifest); SVD's default is 127."""
+    plan_timeout_s: float = 3600.0
+    """How long the other ranks wait for rank 0 to write the stage's plan (OUTPUT/plan) when no launcher wrote it
+    before they started (Ray Train on a cluster, a plain `python -m training.run`)."""
 
     @pydantic.model_validator(mode="after")
     def _check(self) -> DataConfig:

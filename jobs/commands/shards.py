@@ -51,8 +51,9 @@ PLAN_EPILOG = """examples:
   lvd shards plan shards/cur1 plans/stage2 --epochs 4 --set "query=keep and aesthetic >= pct(aesthetic, 20)" \\
       --set batch_size=8 --set num_frames=[14] --set "resolutions=[[320, 576], [576, 320]]"
 
-A rank reads its batches with shards.plan_file.RankSlice(PLAN, rank, world_size): one row group of an epoch
-file at a time, keeping only its own batches, so its memory does not grow with the dataset."""
+A rank reads its batches with shards.plan_file.RankSlice(PLAN, rank, world_size) (or
+ShardLoader(config, plan=PLAN)): one row group of an epoch file at a time, keeping only its own batches, so
+its memory does not grow with the dataset. `lvd train` writes its stage's plan itself, into OUTPUT/plan."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

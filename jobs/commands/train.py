@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from training import launch
 
-    if not args.address:  # a cluster's ranks may see shards this machine does not
-        launch.check_data(config)
+    # a cluster's ranks may see shards this machine does not; other nodes' ranks wait for node 0's plan
+    if not args.address and args.node_rank == 0:
+        launch.check_data(config, world_size=args.nproc * args.nnodes)
     if launcher == "local":
         if args.nproc != 1 or args.nnodes != 1:
             print("lvd train: --launcher local runs one process; use torchrun, deepspeed or ray for more", file=sys.stderr)

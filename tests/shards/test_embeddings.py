@@ -142,15 +142,22 @@ def test_verify_and_stats_see_the_member(emb_shards, ledger_embeddings, tmp_path
     assert out.count("crc32 mismatch") == 1
 
 
-def _batches(config, manifest=None):
-    loader = ShardLoader(config, manifest=manifest)
+def _batches(config, manifest=None, plan=None):
+    loader = ShardLoader(config, manifest=manifest, plan=plan)
     return list(loader), loader
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_returns_the_exact_embeddings_and_a_mask(emb_shards, ledger_embeddings, num_workers):
-    batches, loader = _batches(loader_config(emb_shards, read_embeddings=True, epochs=1, remainder="uneven",
-                                             image_ratio=0.5, num_workers=num_workers))
+@pytest.mark.parametrize("num_workers,planned", [(0, False), (2, False), (2, True)])
+def test_loader_returns_the_exact_embeddings_and_a_mask(emb_shards, ledger_embeddings, num_workers, planned, tmp_path):
+    config = loader_config(emb_shards, read_embeddings=True, epochs=1, remainder="uneven", image_ratio=0.5,
+                           num_workers=num_workers)
+    plan = None
+    if planned:  # a plan written once: its embedding shapes come from plan.json
+        from shards.plan_file import write_plan
+
+        write_plan(Manifest.load(str(emb_shards)), config, tmp_path / "plan", epochs=1)
+        plan = str(tmp_path / "plan")
+    batches, loader = _batches(config, plan=plan)
     seen = set()
     assert {b["kind"] for b in batches} == {"video", "image"}
     for batch in batches:

@@ -93,3 +93,94 @@ def test_cli_writes_the_plan_and_names_a_missing_one(manifest, tmp_path, capsys)
     assert "did you mean batch_size" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="lvd shards plan"):
         RankSlice(str(tmp_path / "nothing"), 0, 1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_rank_loader_reads_only_its_slice_and_yields_the_batches_the_plan_deals_it(shards_dir, tmp_path, monkeypatch,
+                                                                                    num_workers):
+    from shards.loader import ShardLoader
+    from shards.manifest import Manifest
+    from tests.shards.conftest import loader_config
+
+    config = loader_config(shards_dir, image_ratio=0.25, remainder="pad", epochs=2, num_workers=num_workers,
+                           query="motion_score < 0.45")
+    write_plan(Manifest.load(str(shards_dir)), config, tmp_path / "plan", epochs=2)
+    in_process = [[b["key"] for b in ShardLoader(config, rank=r, world_size=2)] for r in range(2)]
+
+    def refuse(*args, **kw):
+        raise AssertionError("a rank with a plan read the manifest or planned the subset")
+
+    for name in ("load", "scan", "take", "select"):  # (forked DataLoader workers inherit the spies)
+        monkeypatch.setattr(Manifest, name, refuse)
+    monkeypatch.setattr(SubsetPlanner, "build", refuse)
+    for rank in range(2):
+        loader = ShardLoader(config, rank=rank, world_size=2, plan=str(tmp_path / "plan"))
+        got = list(loader)
+        dealt = [b for epoch in range(2) for b in RankSlice(str(tmp_path / "plan"), rank, 2).batches(epoch)]
+        assert [(b["epoch"], b["batch_index"]) for b in got] == [(b.epoch, b.batch_index) for b in dealt]
+        assert [b["key"] for b in got] == [b.samples.column("key").to_pylist() for b in dealt] == in_process[rank]
+        assert {b["kind"] for b in got} == {"video", "image"}
+        assert all(b["frames_BTCHW"].shape[1] == (1 if b["kind"] == "image" else 4) for b in got)
+
+
+def test_a_planned_loader_resumes_exactly_also_on_another_number_of_ranks(shards_dir, tmp_path):
+    from shards.loader import ShardLoader
+    from shards.manifest import Manifest
+    from tests.shards.conftest import loader_config
+
+    config = loader_config(shards_dir, image_ratio=0.25, epochs=3, output="raw", batch_size=1)
+    plan = str(tmp_path / "plan")
+    write_plan(Manifest.load(str(shards_dir)), config, plan, epochs=3)
+    whole = [b["key"] for b in ShardLoader(config, plan=plan)]
+    first = ShardLoader(config, plan=plan)
+    head = [b["key"] for _, b in zip(range(5), first)]
+    again = ShardLoader(config, plan=plan)
+    again.load_state_dict(first.state_dict())
+    assert head + [b["key"] for b in again] == whole
+    # 2 ranks, then 1: the single rank goes on with the very batches the 2 ranks would have consumed next
+    two = [ShardLoader(config, rank=r, world_size=2, plan=plan) for r in range(2)]
+    steps = [[b["key"] for _, b in zip(range(3), loader)] for loader in two]
+    one = ShardLoader(config, plan=plan)
+    one.load_state_dict(two[0].state_dict())
+    rest = [b["key"] for b in one]
+    per_epoch = ShardLoader(config, plan=plan).batches_per_epoch(0)
+    assert [k for pair in zip(*steps) for k in pair] + rest[: per_epoch - 6] == whole[:per_epoch]
+
+
+def test_a_planned_loader_refuses_a_state_of_another_plan_and_epochs_past_the_plan(shards_dir, tmp_path):
+    from shards.loader import ShardLoader
+    from shards.manifest import Manifest
+    from tests.shards.conftest import loader_config
+
+    manifest = Manifest.load(str(shards_dir))
+    config = loader_config(shards_dir, output="raw", batch_size=1)
+    write_plan(manifest, config, tmp_path / "a", epochs=1)
+    write_plan(manifest, config.model_copy(update={"seed": 8}), tmp_path / "b", epochs=1)
+    a = ShardLoader(config, plan=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"the plan in .*b was made with other settings \(seed\)"):
+        ShardLoader(config, plan=str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="saved for another plan"):
+        b = ShardLoader(config.model_copy(update={"seed": 8}), plan=str(tmp_path / "b"))
+        b.load_state_dict(a.state_dict())
+    ShardLoader(config.model_copy(update={"num_workers": 2, "epochs": 1}), plan=str(tmp_path / "a"))  # how it reads
+    with pytest.raises(ValueError, match="holds 1 epochs and the run needs epoch 1"):
+        list(a)  # epochs=None streams on: past the plan's one epoch is an error, not a silent end
+
+
+def test_a_planned_loader_skips_and_substitutes_corrupt_samples_as_the_in_process_plan(shards_copy, tmp_path):
+    from shards.loader import ShardLoader
+    from shards.manifest import Manifest
+    from tests.shards.conftest import loader_config
+    from tests.shards.test_loader import _damage_mp4
+
+    manifest = Manifest.load(str(shards_copy))
+    keys = manifest.samples["key"].tolist()
+    for key, how in ((keys[1], "flip"), (keys[6], "zero")):
+        _damage_mp4(shards_copy, key, how)
+    for batch_size in (1, 3):  # 1: a corrupt batch takes the next good samples of its bucket in the plan
+        config = loader_config(shards_copy, epochs=1, batch_size=batch_size, max_corrupt_fraction=0.5)
+        write_plan(manifest, config, tmp_path / str(batch_size), epochs=1)
+        want, got = ShardLoader(config), ShardLoader(config, plan=str(tmp_path / str(batch_size)))
+        assert [b["key"] for b in got] == [b["key"] for b in want]
+        assert (got.num_corrupt, got.num_repeated) == (want.num_corrupt, want.num_repeated) == \
+            (2, 2 if batch_size == 1 else 0)

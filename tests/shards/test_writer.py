@@ -97,7 +97,7 @@ def test_all_usable_carries_keep_and_loaders_must_say_which(fake_run_dir, tmp_pa
     with pytest.raises(ValueError, match="query=keep"):
         ShardLoader(loader_config(out))
     kept = ShardLoader(loader_config(out, query="keep"))
-    assert set(manifest.samples["key"].iloc[kept.planner.rows]) == set(ledger.loc[ledger["keep"], "clip_id"])
+    assert set(manifest.samples["key"].iloc[kept.batches.planner.rows]) == set(ledger.loc[ledger["keep"], "clip_id"])
 
 
 def test_rerun_writes_nothing_and_other_settings_are_refused(fake_run_dir, shards_dir, shards_copy):

@@ -4,6 +4,8 @@ step) instead of one waiting forever."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -73,3 +75,57 @@ def test_ranks_with_unequal_data_agree_to_stop(tmp_path):
     init = f"tcp://127.0.0.1:{free_port()}"
     mp.start_processes(_rank_loop, args=(2, init, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     assert [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)] == [1, 1]
+
+
+def test_the_stage_plan_is_written_once_reused_extended_and_kept_on_resume(tmp_path, monkeypatch):
+    import hashlib
+    import time
+
+    from shards import plan_file
+    from tests.training.train_helpers import make_shards, shard_data, stage_tree
+    from training.data import PlanError, stage_plan
+    from training.train_config import TrainConfig
+
+    shards = make_shards(tmp_path)
+    writes = []
+    write_plan = plan_file.write_plan
+    monkeypatch.setattr(plan_file, "write_plan", lambda *a, **kw: writes.append(1) or write_plan(*a, **kw))
+
+    def config(steps=8, **loader):
+        return TrainConfig.model_validate(stage_tree(tmp_path / "out", shard_data(shards, **loader), steps=steps))
+
+    def epoch_hashes(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("epoch-*.parquet"))}
+
+    folder = tmp_path / "out" / "plan"
+    assert stage_plan(config(), 0, 2) == str(folder) and len(writes) == 1
+    doc = json.loads((folder / "plan.json").read_text())
+    # 8 steps of one batch on each of 2 ranks, 2 epochs of margin
+    assert len(doc["batches"]) == -(-8 // -(-doc["batches"][0] // 2)) + 2
+    before = epoch_hashes(folder)
+    stage_plan(config(num_workers=2), 0, 2)  # how it is read is no reason to plan again
+    stage_plan(config(), 1, 2)               # another rank finds it there
+    assert len(writes) == 1 and epoch_hashes(folder) == before
+    stage_plan(config(steps=200), 0, 2)      # a longer run: more epochs, the first ones the same
+    after = epoch_hashes(folder)
+    assert len(writes) == 2 and len(after) > len(before) and {k: after[k] for k in before} == before
+    stage_plan(config(steps=200, query="motion_score < 0.45"), 0, 2)  # other data, no checkpoint: planned anew
+    assert len(writes) == 3
+    (tmp_path / "out" / "checkpoints").mkdir()
+    (tmp_path / "out" / "checkpoints" / "latest").write_text("step_00000003")
+    with pytest.raises(PlanError, match="resumes from a checkpoint taken in it"):
+        stage_plan(config(steps=200), 0, 2)
+    assert len(writes) == 3
+
+    # a rank waiting for rank 0's plan: rank 0's failure ends the wait with its reason, else a timeout does
+    other = config(query="motion_score < 0.3").model_copy(deep=True)
+    other.data.plan_timeout_s = 0.5
+    t0 = time.monotonic()
+    with pytest.raises(PlanError, match="raise data.plan_timeout_s"):
+        stage_plan(other, 1, 2)
+    assert time.monotonic() - t0 < 5
+    from shards.manifest import Manifest
+
+    plan_file.plan_failed(Manifest.load(str(shards)), other.data.shards, folder, "the subset is empty")
+    with pytest.raises(PlanError, match="rank 0 could not write the plan .*: the subset is empty"):
+        stage_plan(other, 1, 2)

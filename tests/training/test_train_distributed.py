@@ -52,6 +52,7 @@ def test_two_ranks_train_and_checkpoint(reference):
         assert sorted(p.name for p in (out / "checkpoints" / f"step_{step:08d}" / "rng").iterdir()) == \
             ["rank_00000.json", "rank_00001.json"]
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((out / "plan" / "plan.json").read_text())["num_samples"] > 0  # written once, before the ranks
 
 
 def test_two_nodes_on_loopback_match_two_processes(reference, tmp_path):
