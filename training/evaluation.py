@@ -144,7 +144,7 @@ class HeldOutEval:
         model = self.module.full_model
         # the loader draws one of a clip's captions per batch slot; the evaluation wants the same one always
         if self.captions is None:
-            self.captions = FixedCaptions(self.loader_config.shards)
+            self.captions = FixedCaptions(self.loader_config)
         batch = {**batch, "caption": self.captions(list(batch["key"]))}
         inputs = self.encoders(batch)
         x0 = inputs.latents_BTCHW
@@ -168,14 +168,19 @@ class HeldOutEval:
 
 
 class FixedCaptions:
-    """key -> the clip's caption of highest weight (the first of equals), from the manifest (read once)."""
+    """key -> the clip's caption of highest weight (the first of equals), for the held-out clips only: their rows
+    of the manifest, read once with the key and captions columns."""
 
-    def __init__(self, shards: str) -> None:
+    def __init__(self, loader_config) -> None:
         from shards.manifest import Manifest
+        from shards.plan import subset_rows
 
-        samples = Manifest.load(shards).samples
-        self.index = pd.Index(samples["key"])
-        self.captions = samples["captions"] if "captions" in samples.columns else None
+        manifest = Manifest.load(loader_config.shards)
+        self.captions = None
+        if "captions" in manifest.schema.names:
+            held = manifest.take(subset_rows(manifest, loader_config), ["key", "captions"]).to_pandas()
+            self.index = pd.Index(held["key"])
+            self.captions = held["captions"]
 
     def __call__(self, keys: list[str]) -> list[str]:
         if self.captions is None:

@@ -151,9 +151,8 @@ class MetricsLogger:
               f"{values['eval_samples']} clips | per sigma {per_sigma}", flush=True)
         with open(self.out_dir / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **values, "time": time.time()}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
+        if self.trackers is not None:
+            self.trackers.scalars({k.removeprefix("eval_"): v for k, v in values.items()}, step, group="eval")
 
     def event(self, text: str) -> None:
         if self.enabled:

@@ -54,14 +54,15 @@ class Trackers:
     def tensorboard_dir(self) -> str | None:
         return self.tensorboard.log_dir if self.tensorboard is not None else None
 
-    def scalars(self, values: dict[str, float], step: int) -> None:
+    def scalars(self, values: dict[str, float], step: int, group: str = "train") -> None:
+        """Scalars under `group` (train, eval): train/loss, eval/loss, ..."""
         if self.tensorboard is not None:
             for key, value in values.items():
-                self.tensorboard.add_scalar(f"train/{key}", value, step)
+                self.tensorboard.add_scalar(f"{group}/{key}", value, step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+            self.wandb.log({f"{group}/{k}": v for k, v in values.items()}, step=step)
         if self.mlflow is not None:
-            self.mlflow.log_metrics({f"train_{k}": v for k, v in values.items()}, step=step)
+            self.mlflow.log_metrics({f"{group}_{k}": v for k, v in values.items()}, step=step)
 
     def sample(self, video: Path, frames_TCHW_uint8: torch.Tensor, sheet_HWC_uint8: np.ndarray, step: int,
                fps: float) -> None:

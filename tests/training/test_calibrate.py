@@ -37,7 +37,7 @@ def noisy_shards(root: Path) -> tuple[Path, set[str]]:
 def calibration_recipe(root: Path, shards: Path, clip: bool = False) -> Path:
     proxy = stage_tree(root / "unused", shard_data(shards, batch_size=2, image_ratio=0.0, resolutions=[[32, 48]],
                                                     num_frames=[4]), steps=20)
-    proxy.update(checkpoint={"every": 10, "keep_last": 1}, logging={"every": 10, "tensorboard": False})
+    proxy.update(checkpoint={"every": 10, "keep_last": 1}, logging={"every": 10, "report_to": []})
     write_recipe(root / "proxy.yaml", proxy)
     tree = {"name": "test", "output": str(root / "calibration"), "shards": str(shards), "query": "true",
             "scores": {"motion_score": {"direction": "bottom"}}, "fractions": [50],

@@ -56,8 +56,7 @@ def fraction_label(f: float) -> str:
 def plan(config: CalibrateConfig, manifest: Manifest) -> tuple[np.ndarray, list[tuple[Arm, np.ndarray]]]:
     """(held-out rows, [(arm, rows)]) of the manifest. Raises ConfigError for scores the manifest lacks or a
     pool too small to hold out and train on."""
-    samples = manifest.samples
-    missing = [s for s in config.scores if s not in samples.columns]
+    missing = [s for s in config.scores if s not in manifest.schema.names]
     if missing:
         raise ConfigError(f"scores {missing} are not columns of {config.shards}'s manifest; its scores are "
                           f"{manifest.score_columns}")
@@ -74,6 +73,8 @@ def plan(config: CalibrateConfig, manifest: Manifest) -> tuple[np.ndarray, list[
         raise ConfigError(f"the pool ({config.query or 'every sample'}) has {len(pool)} clips, {len(candidates)} of "
                           f"them held-out candidates (heldout.query {config.heldout.query!r}); heldout.num_samples="
                           f"{n_held} needs that many and leaves the rest to train on: lower heldout.num_samples")
+    # the key and the scores tried, nothing else (a calibration pool is millions of clips)
+    samples = manifest.scan(["key", *config.scores]).to_pandas()
     order = hash_order(samples["key"].iloc[candidates], config.heldout.seed, "heldout")
     heldout = np.sort(candidates[order[:n_held]])
     train_pool = np.setdiff1d(pool, heldout)
