@@ -77,7 +77,9 @@ def test_unknown_or_disabled_stage_is_refused_before_any_work(config, tiny_root)
     said = []
     with pytest.raises(ConfigError, match=r"unknown stage 'ocr'; the model stages are text, caption, clip"):
         bench_stages(config, stages=["clip", "ocr"], progress=said.append)
-    disabled = load_config(RECIPE, ["clip.enabled=false"], tiny_root=tiny_root)
+    # with clip off, its aesthetic rule must go too (a rule on a score no stage makes is refused)
+    disabled = load_config(RECIPE, ["clip.enabled=false", "thresholds={motion_score: {min: 0.002}}"],
+                           tiny_root=tiny_root)
     with pytest.raises(ConfigError, match=r"stage clip is disabled in the recipe .*--set clip.enabled=true"):
         bench_stages(disabled, stages=["clip"], progress=said.append)
     with pytest.raises(ConfigError, match=r"--device 'tpu' is not one of cpu, cuda|--device tpu is not one of"):

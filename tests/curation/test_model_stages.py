@@ -122,8 +122,9 @@ def test_missing_weights_error_names_the_recipe_sizes_and_the_cpu_recipe(tmp_pat
     from jobs.cli import main
 
     out = tmp_path / "run"
+    (tmp_path / "videos").mkdir()
     recipe = "recipes/curation/default.yaml"
-    rc = main(["curate", recipe, "--set", f"inputs=[{tmp_path}]", "--set", f"output={out}",
+    rc = main(["curate", recipe, "--set", f"inputs=[{tmp_path / 'videos'}]", "--set", f"output={out}",
                "--set", f"clip.checkpoint={tmp_path / 'no_clip'}",
                "--set", "caption.summary.model=hf-hub:Qwen/Qwen2.5-1.5B-Instruct"])
     err = capsys.readouterr().err
