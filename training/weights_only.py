@@ -70,11 +70,11 @@ def refused_files(folder: Path) -> dict[Path, str]:
         for path in sorted(p for p in folder.rglob("*.pt") if p.is_file()):
             try:
                 try:
-                    torch.load(path, map_location="cpu", mmap=True)
+                    torch.load(path, map_location="cpu", mmap=True, weights_only=True)
                 except RuntimeError as e:  # a legacy (non-zip) file cannot be mapped: read it
                     if "mmap" not in str(e):
                         raise
-                    torch.load(path, map_location="cpu")
+                    torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
                 refused[path] = _reason(str(e))
     return refused
