@@ -42,3 +42,25 @@ def local_ray(**init_kwargs: Any) -> Iterator[None]:
             os.environ.pop(SINGLE_MACHINE_ENV, None)
         else:
             os.environ[SINGLE_MACHINE_ENV] = env_before
+
+
+@contextmanager
+def ray_connected(address: str | None, **local_kwargs: Any) -> Iterator[None]:
+    """For the duration: the Ray cluster at `address`, or (None) a local Ray on loopback started with
+    `local_kwargs`; the caller's own Ray when one is initialised already. A Ray started here is shut down."""
+    import ray
+
+    from common.verbosity import ray_logging_level
+
+    if ray.is_initialized():
+        yield
+        return
+    if not address:
+        with local_ray(include_dashboard=False, logging_level=ray_logging_level(), **local_kwargs):
+            yield
+        return
+    ray.init(address=address, logging_level=ray_logging_level())
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,8 +30,7 @@ import numpy as np
 import pydantic
 
 from common.config import Config
-from common.local_ray import local_ray
-from common.verbosity import ray_logging_level
+from common.local_ray import ray_connected
 
 
 class PrecomputeConfig(Config):
@@ -239,9 +237,8 @@ def precompute(config: PrecomputeConfig, address: str | None = None) -> Precompu
     prepare_out_dir(out, doc)
     (out / INFO).unlink(missing_ok=True)  # incomplete until this run has finished
     calls = [(config, g, shard, rows[cuts[g] : cuts[g + 1]] - starts[g]) for g, shard in enumerate(source.shards["shard"])]
-    with ExitStack() as started:  # shuts down the Ray this call started
-        if config.workers and not _ray_initialized():
-            started.enter_context(_ray(config, address))
+    # Ray tasks with workers > 0 (a local Ray of that many CPUs) or on the cluster at `address`
+    with ray_connected(address, num_cpus=config.workers) if config.workers or address else nullcontext():
         results = list(imap_tasks(precompute_shard, calls, num_gpus=config.num_gpus))
     skipped = [s for r in results for s in r.skipped]
     info = {"source_shards": source.root, "source_fingerprint": source.fingerprint(),
@@ -251,26 +248,3 @@ def precompute(config: PrecomputeConfig, address: str | None = None) -> Precompu
     manifest = write_index(out, [row for r in results for row in r.shard_rows], info)
     return PrecomputeSummary(str(config.output), sum(r.num_encoded for r in results), manifest.num_samples,
                              time.perf_counter() - start, len(skipped))
-
-
-def _ray_initialized() -> bool:
-    import ray
-
-    return ray.is_initialized()
-
-
-@contextmanager
-def _ray(config: PrecomputeConfig, address: str | None) -> Iterator[None]:
-    """The cluster at `address`, or a local Ray on loopback, for the duration of one precompute."""
-    import ray
-
-    if not address:
-        with local_ray(num_cpus=max(config.workers, 1), include_dashboard=False,
-                       logging_level=ray_logging_level()):
-            yield
-        return
-    ray.init(address=address, logging_level=ray_logging_level())
-    try:
-        yield
-    finally:
-        ray.shutdown()

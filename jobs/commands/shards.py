@@ -147,26 +147,14 @@ def _ray_for(workers: int):
     `workers` CPUs (workers=1: in this process, no Ray)."""
     import os
 
-    import ray
+    from common.local_ray import ray_connected
 
     address = os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized() or (workers <= 1 and not address):
+    if workers <= 1 and not address:
         yield
         return
-    if not address:
-        from common.local_ray import local_ray
-        from common.verbosity import ray_logging_level
-
-        with local_ray(num_cpus=workers, include_dashboard=False, logging_level=ray_logging_level()):
-            yield
-        return
-    from common.verbosity import ray_logging_level
-
-    ray.init(address=address, logging_level=ray_logging_level())
-    try:
+    with ray_connected(address, num_cpus=workers):
         yield
-    finally:
-        ray.shutdown()
 
 
 def run_write(args: argparse.Namespace) -> int:
