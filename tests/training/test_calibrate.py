@@ -175,3 +175,44 @@ def test_resuming_with_another_proxy_recipe_is_refused(tmp_path, capsys):
     assert (tmp_path / "calibration" / "arms" / "random-50" / "subset.parquet").is_file()
     assert main(["calibrate", str(recipe), "--max-arms", "0", "--set", "train_set=[steps=30]"]) == 2
     assert "holds a calibration with another proxy" in capsys.readouterr().err
+
+
+def test_a_curation_run_as_the_source_is_written_as_shards_once(tmp_path, capsys):
+    """run: PATH instead of shards: calibrate writes the run's usable clips into OUTPUT/shards (as
+    `lvd shards write --all-usable`), plans its arms on them, and a re-run rewrites nothing."""
+    import pandas as pd
+
+    from jobs.cli import main
+    from shards.manifest import Manifest
+    from shards.testing import fake_run
+
+    clips = fake_run(tmp_path / "run", num_clips=NUM_CLIPS, num_frames=8, fps=8.0, sizes=[(32, 48)], captions=True,
+                     dropped_every=3, failed=2)
+    recipe = calibration_recipe(tmp_path, tmp_path / "unused-shards")
+    args = ["calibrate", str(recipe), "--max-arms", "0", "--set", "shards=null", "--set", f"run={tmp_path / 'run'}",
+            "--set", "shards_set=[shard_max_bytes=200KB]"]
+    assert main(args) == 0
+    assert "0 written by this run" not in capsys.readouterr().out
+    shards = tmp_path / "calibration" / "shards"
+    manifest = Manifest.load(str(shards))
+    # every usable clip, the ones the run's thresholds drop too, and not the failed ones
+    assert manifest.num_samples == NUM_CLIPS and (~clips["keep"]).sum() > 2
+    subset = set(pd.read_parquet(tmp_path / "calibration" / "arms" / "baseline" / "subset.parquet")["key"])
+    assert subset <= set(manifest.scan(["key"]).to_pandas()["key"]) and len(subset) == NUM_CLIPS - 6
+    assert main(args) == 0
+    assert f"{NUM_CLIPS} samples in" in (out := capsys.readouterr().out) and "0 written by this run" in out
+
+
+@pytest.mark.parametrize("sources", [{}, {"run": "somewhere"}], ids=["neither", "both"])
+def test_shards_and_run_are_exclusive(tmp_path, capsys, sources):
+    from jobs.cli import main
+
+    recipe = calibration_recipe(tmp_path, tmp_path / "shards")
+    tree = yaml.safe_load(recipe.read_text())
+    if not sources:
+        del tree["shards"]
+    tree.update(sources)
+    write_recipe(recipe, tree)
+    assert main(["calibrate", str(recipe)]) == 2
+    assert "name exactly one of shards (a shard folder) and run" in capsys.readouterr().err
+    assert not (tmp_path / "calibration").exists()

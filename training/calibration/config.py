@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import pydantic
 
-from common.config import Config
+from common.config import Config, apply_overrides, validate
 from training.calibration.clip_similarity import ClipSimilarityConfig
 from training.evaluation import DEFAULT_SIGMAS
 
@@ -72,9 +73,14 @@ class CalibrateConfig(Config):
     output: str
     """arms/<arm>/ (subset.parquet, train/ with the proxy's model and eval.json, done.json), heldout.parquet,
     results.json, results.csv, results.md, thresholds.yaml, report.html, config.yaml, run.json."""
-    shards: str
+    shards: str | None = None
     """The shard folder (its manifest carries every score); write shards with `--all-usable` to calibrate over
-    the clips the current thresholds drop too."""
+    the clips the current thresholds drop too. Exactly one of `shards` and `run`."""
+    run: str | None = None
+    """A curation run instead of shards: calibrate writes the run's usable clips as shards itself (as
+    `lvd shards write RUN OUTPUT/shards --all-usable`; resumable) and calibrates on them."""
+    shards_set: list[str] = []
+    """With `run`: shard writer settings (`key=value`, as `lvd shards write --set`), e.g. [shard_max_bytes=256MiB]."""
     query: str | None = None
     """The pool every arm draws from, as a query over the manifest (e.g. `keep`); None: every sample."""
     scores: dict[str, ScoreArms]
@@ -108,7 +114,23 @@ class CalibrateConfig(Config):
         if not self.scores:
             raise ValueError("scores is empty; name at least one score column, e.g. scores: {motion_score: "
                              "{direction: bottom}}")
+        if (self.shards is None) == (self.run is None):
+            raise ValueError("name exactly one of shards (a shard folder) and run (a curation run, written as shards "
+                             f"into OUTPUT/shards); got shards={self.shards!r}, run={self.run!r}")
         return self
+
+    def shard_write_config(self):
+        """The shard writer's settings for `run`: `shards_set` over the defaults, every usable clip."""
+        from shards.config import ShardWriteConfig
+
+        tree = apply_overrides({}, self.shards_set)
+        tree["selection"] = "all_usable"
+        return validate(ShardWriteConfig, tree, source="shards_set")
+
+    @property
+    def shard_folder(self) -> str:
+        """The shards every arm draws from: `shards`, or OUTPUT/shards written from `run`."""
+        return self.shards if self.shards is not None else str(Path(self.output) / "shards")
 
     def fractions_of(self, score: str) -> list[float]:
         return self.scores[score].fractions or self.fractions

@@ -91,7 +91,7 @@ def write_outputs(config: CalibrateConfig, arms: list[Arm], num_heldout: int) ->
             if config.clip is not None else "not run: no CLIP checkpoint configured (calibration recipe key clip)")
     metrics = {METRIC: "ran: validation denoising loss (held-out clips, fixed EDM sigmas and noise seeds); "
                        "lower is better, the suggestion's metric", "clip_similarity": clip, "fvd": FVD_NOT_RUN}
-    result = {"name": config.name, "shards": config.shards, "num_heldout": num_heldout, "sigmas": config.heldout.sigmas,
+    result = {"name": config.name, "shards": config.shard_folder, "num_heldout": num_heldout, "sigmas": config.heldout.sigmas,
               "arms": rows, "finished": finished, "suggested_thresholds": thresholds, "why": why,
               "metrics": metrics, "caveat": CAVEAT}
     paths = {"json": out / "results.json", "csv": out / "results.csv", "table": out / "results.md",
@@ -154,7 +154,7 @@ def render(config: CalibrateConfig, result: dict[str, Any]) -> str:
         f"<header><h1>{e(title)}</h1><p class=\"path\">{e(str(Path(config.output).absolute()))}</p>",
         f"<p class=\"stand-ins\">{e(CAVEAT)}</p>",
         f"<p>{result['finished']}/{len(rows)} arms finished; {result['num_heldout']} held-out clips from "
-        f"<code>{e(config.shards)}</code>; lower loss is better.</p></header>",
+        f"<code>{e(config.shard_folder)}</code>; lower loss is better.</p></header>",
         f'<section id="metrics"><h2>Metrics</h2><ul>{metrics}</ul></section>',
         '<section id="plots"><h2>Held-out loss vs fraction dropped</h2><div class="histograms">', plots, "</div></section>",
         '<section id="arms"><h2>Arms</h2>', *table, "</section>",

@@ -40,7 +40,7 @@ def arm_config(config: CalibrateConfig, arm: Arm, proxy: dict[str, Any]) -> Trai
         raise ConfigError(f"the proxy recipe {config.train} trains on data.source={data.get('source')}; calibration "
                           "arms are subsets of shards: use a recipe with data.source=shards")
     loader = data.setdefault("shards", {}) or {}
-    data["shards"] = {**loader, "shards": config.shards, "query": None, "subset": str(folder / "subset.parquet")}
+    data["shards"] = {**loader, "shards": config.shard_folder, "query": None, "subset": str(folder / "subset.parquet")}
     tree["eval"] = {**(tree.get("eval") or {}), "query": None, "subset": str(out / HELDOUT),
                     "sigmas": list(config.heldout.sigmas), "seed": config.heldout.seed}
     tree["output"] = str(folder / "train")
@@ -78,12 +78,34 @@ def train_arm(config_json: dict[str, Any], folder: str, clip_json: dict[str, Any
     return record
 
 
+def write_run_shards(config: CalibrateConfig, say: Say, address: str | None = None) -> None:
+    """`run`: the curation run's usable clips -> OUTPUT/shards, as `lvd shards write RUN OUT --all-usable` (one
+    task per ledger file on the Ray cluster at `address`, else in this process); resumes a killed write and
+    rewrites nothing when the shards are complete."""
+    import ray
+
+    from shards.writer import write_shards
+
+    writer = config.shard_write_config()
+    started = address is not None and not ray.is_initialized()
+    if started:
+        ray.init(address=address, logging_level="WARNING")
+    try:
+        summary = write_shards(config.run, config.shard_folder, writer)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"run {config.run}: {e}") from None
+    finally:
+        if started:
+            ray.shutdown()
+    say(f"shards of {config.run}: {summary.lines()[0]}")
+
+
 def prepare(config: CalibrateConfig) -> tuple[list[tuple[Arm, TrainConfig]], int]:
     """Plans the arms, writes their subsets, validates every arm's stage recipe (before any training)."""
     from shards.manifest import Manifest
 
     try:
-        manifest = Manifest.load(config.shards)
+        manifest = Manifest.load(config.shard_folder)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"shards: {e}") from None
     heldout, arms = plan(config, manifest)
