@@ -20,7 +20,8 @@ Writes OUTPUT/results.md, results.csv, results.json (the table), thresholds.yaml
 `lvd curate RECIPE --set output=RUN --rethreshold --set thresholds.SCORE.drop_bottom_pct=P`), report.html
 (plots and table), and per arm OUTPUT/arms/ARM/ (its subset, the proxy's run, done.json). Re-running the
 same command retrains nothing finished and resumes an interrupted arm from its last checkpoint. The metric
-is the held-out denoising loss; tiny random-init proxies say nothing about real quality."""
+is the held-out denoising loss (recipe keys clip / fvd add CLIP similarity and FVD, reported next to it);
+tiny random-init proxies say nothing about real quality."""
 
 
 def _count(text: str) -> int:
@@ -59,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         update["run"] = str(Path(config.run).resolve())
     if config.clip is not None and Path(config.clip.checkpoint).exists():  # arms may run in another folder (Ray)
         update["clip"] = config.clip.model_copy(update={"checkpoint": str(Path(config.clip.checkpoint).resolve())})
+    if config.fvd is not None and Path(config.fvd.checkpoint).exists():
+        update["fvd"] = config.fvd.model_copy(update={"checkpoint": str(Path(config.fvd.checkpoint).resolve())})
     config = config.model_copy(update=update)
 
     def say(text: str) -> None:

@@ -35,6 +35,7 @@ def noisy_shards(root: Path) -> tuple[Path, set[str]]:
 
 
 def calibration_recipe(root: Path, shards: Path, clip: bool = False) -> Path:
+    """The recipe; `clip`: with the optional metrics (CLIP similarity, FVD) on tiny random stand-ins."""
     proxy = stage_tree(root / "unused", shard_data(shards, batch_size=2, image_ratio=0.0, resolutions=[[32, 48]],
                                                     num_frames=[4]), steps=20)
     proxy.update(checkpoint={"every": 10, "keep_last": 1}, logging={"every": 10, "report_to": []})
@@ -49,6 +50,11 @@ def calibration_recipe(root: Path, shards: Path, clip: bool = False) -> Path:
 
         tree["clip"] = {"checkpoint": str(write_tiny_open_clip(root / "clip")), "prompts": ["a square", "noise"],
                         "num_frames": 2, "size": [32, 48], "num_steps": 2}
+        # and the tiny random VideoMAE stand-in, FVD's
+        from tests.training.test_fvd import write_tiny_videomae
+
+        tree["fvd"] = {"checkpoint": str(write_tiny_videomae(root / "videomae")), "num_frames": 4, "size": [32, 48],
+                       "num_steps": 2}
     return write_recipe(root / "calibrate.yaml", tree)
 
 
@@ -106,7 +112,10 @@ def test_calibration_ranks_the_corrupting_score_above_random_and_resumes(tmp_pat
     from training.calibration.clip_similarity import ClipSimilarityConfig, clip_similarity
     from training.sampler import SamplerConfig
 
-    assert result["metrics"]["clip_similarity"].startswith("ran") and result["metrics"]["fvd"].startswith("not run")
+    assert result["metrics"]["clip_similarity"].startswith("ran") and result["metrics"]["fvd"].startswith("ran")
+    fvds = {r["arm"]: r["fvd"] for r in result["arms"]}
+    assert all(np.isfinite(v) and v >= -1e-6 for v in fvds.values()) and len(set(fvds.values())) == len(fvds), fvds
+    assert "| fvd |" in (out / "results.md").read_text() and "<th>fvd</th>" in (out / "report.html").read_text()
     sims = {r["arm"]: r["clip_similarity"] for r in result["arms"]}
     assert all(-1.0 <= v <= 1.0 for v in sims.values()), sims
     again = clip_similarity(first / "train" / "model", ClipSimilarityConfig(**yaml.safe_load(recipe.read_text())["clip"]),
@@ -175,6 +184,9 @@ def test_resuming_with_another_proxy_recipe_is_refused(tmp_path, capsys):
     assert (tmp_path / "calibration" / "arms" / "random-50" / "subset.parquet").is_file()
     assert main(["calibrate", str(recipe), "--max-arms", "0", "--set", "train_set=[steps=30]"]) == 2
     assert "holds a calibration with another proxy" in capsys.readouterr().err
+    # no fvd section: the outputs say the metric did not run
+    result = json.loads((tmp_path / "calibration" / "results.json").read_text())
+    assert result["metrics"]["fvd"].startswith("not run: no VideoMAE feature extractor configured")
 
 
 def test_a_curation_run_as_the_source_is_written_as_shards_once(tmp_path, capsys):

@@ -12,6 +12,7 @@ import pydantic
 
 from common.config import Config, apply_overrides, validate
 from training.calibration.clip_similarity import ClipSimilarityConfig
+from training.calibration.fvd import FvdConfig
 from training.evaluation import DEFAULT_SIGMAS
 
 SVD_FRACTIONS = [12.5, 25.0, 50.0]
@@ -101,6 +102,9 @@ class CalibrateConfig(Config):
     clip: ClipSimilarityConfig | None = None
     """CLIP text-video similarity of each proxy's samples for fixed prompts (a second metric, reported next
     to the held-out loss); None: not measured."""
+    fvd: FvdConfig | None = None
+    """FVD between each proxy's samples and the held-out clips, with a VideoMAE feature extractor (reported next
+    to the held-out loss; meaningful only with a real extractor and many samples); None: not measured."""
     runner: RunnerConfig = RunnerConfig()
 
     @pydantic.field_validator("fractions")

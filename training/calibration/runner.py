@@ -48,15 +48,17 @@ def arm_config(config: CalibrateConfig, arm: Arm, proxy: dict[str, Any]) -> Trai
     return validate(TrainConfig, tree, source=f"proxy recipe {config.train} (arm {arm.name})")
 
 
-def clip_json(config: CalibrateConfig) -> dict[str, Any] | None:
-    return config.clip.model_dump(mode="json") if config.clip is not None else None
+def metrics_json(config: CalibrateConfig) -> dict[str, Any]:
+    """The optional metrics' settings, as a Ray task takes them."""
+    return {name: getattr(config, name).model_dump(mode="json") for name in ("clip", "fvd")
+            if getattr(config, name) is not None}
 
 
 def is_done(folder: Path) -> bool:
     return (folder / DONE).is_file()
 
 
-def train_arm(config_json: dict[str, Any], folder: str, clip_json: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_arm(config_json: dict[str, Any], folder: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains one arm in this process (a Ray task or the driver), measures its metrics, writes its done.json."""
     from training.launch import run_local
 
@@ -66,12 +68,18 @@ def train_arm(config_json: dict[str, Any], folder: str, clip_json: dict[str, Any
     out = Path(train.output)
     record = {"eval": json.loads((out / "eval.json").read_text()), "steps": summary.steps,
               "final_loss": summary.final_loss, "samples": summary.samples, "seconds": time.perf_counter() - t0,
-              "model": summary.export, "clip_similarity": None}
-    if clip_json is not None:
+              "model": summary.export, "clip_similarity": None, "fvd": None}
+    metrics = metrics or {}
+    if "clip" in metrics:
         from training.calibration.clip_similarity import ClipSimilarityConfig, clip_similarity
 
-        record["clip_similarity"] = clip_similarity(out / "model", ClipSimilarityConfig.model_validate(clip_json),
+        record["clip_similarity"] = clip_similarity(out / "model", ClipSimilarityConfig.model_validate(metrics["clip"]),
                                                     train.sampler)
+    if "fvd" in metrics:
+        from training.calibration.fvd import FvdConfig, fvd
+
+        record["fvd"] = fvd(out / "model", FvdConfig.model_validate(metrics["fvd"]), train.sampler, train.data.shards,
+                            train.eval.subset)
     tmp = Path(folder) / (DONE + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(Path(folder) / DONE)
@@ -130,7 +138,7 @@ def run_arms(config: CalibrateConfig, arms: list[tuple[Arm, TrainConfig]], say: 
     if address is None:
         for i, (arm, c) in enumerate(todo, 1):
             say(f"arm {i}/{len(todo)}: {arm.name} ({arm.num_samples} clips: {arm.rule})")
-            record = train_arm(c.model_dump(mode="json"), str(arm.folder(config.output)), clip_json(config))
+            record = train_arm(c.model_dump(mode="json"), str(arm.folder(config.output)), metrics_json(config))
             say(f"arm {arm.name}: held-out loss {record['eval']['eval_loss']:.4f} in {record['seconds']:.0f}s")
         return [arm.name for arm, _ in todo]
     return _run_ray(config, todo, say, address)
@@ -146,7 +154,7 @@ def _run_ray(config: CalibrateConfig, todo: list[tuple[Arm, TrainConfig]], say: 
     try:
         task = ray.remote(train_arm).options(num_cpus=config.runner.num_cpus, num_gpus=config.runner.num_gpus,
                                              max_retries=0)
-        pending = {task.remote(c.model_dump(mode="json"), str(arm.folder(config.output)), clip_json(config)): arm
+        pending = {task.remote(c.model_dump(mode="json"), str(arm.folder(config.output)), metrics_json(config)): arm
                    for arm, c in todo}
         say(f"{len(pending)} arm(s) submitted to Ray at {address}")
         trained, failed = [], []
