@@ -12,6 +12,7 @@ from jobs.commands.common_args import add_ray_args, add_recipe_args
 EPILOG = """examples:
   lvd calibrate recipes/calibrate/tiny.yaml --set shards=demo-data/shards-all --set output=demo-data/calibrate
   lvd calibrate recipes/calibrate/svd.yaml --address auto        # arms in parallel, one Ray task each
+  lvd calibrate RECIPE --address auto --set runner.num_workers=8  # each arm a Ray Train group of 8 ranks
   lvd submit --backend slurm --nodes 8 --gpus-per-node 8 -- calibrate recipes/calibrate/svd.yaml
   lvd calibrate RECIPE --set shards=null --set run=runs/cur1     # write the run's usable clips as shards first
   lvd calibrate RECIPE --max-arms 2                                # train two arms now, the rest later
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if config.fvd is not None and Path(config.fvd.checkpoint).exists():
         update["fvd"] = config.fvd.model_copy(update={"checkpoint": str(Path(config.fvd.checkpoint).resolve())})
     config = config.model_copy(update=update)
+    runner.check_address(config, args.address)
 
     def say(text: str) -> None:
         print(f"lvd calibrate: {text}", flush=True)

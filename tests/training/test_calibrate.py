@@ -174,6 +174,37 @@ def test_arms_run_as_ray_tasks(tmp_path):
     assert all(r["finished"] and r["eval_loss"] > 0 for r in result["arms"])
 
 
+@pytest.mark.slow
+def test_arms_run_as_ray_train_worker_groups(tmp_path):
+    """runner.num_workers=2 with --address: each arm is a Ray Train group of 2 ranks (its summary says so)."""
+    import ray
+
+    from jobs.cli import main
+
+    shards, _ = noisy_shards(tmp_path)
+    recipe = calibration_recipe(tmp_path, shards)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    try:
+        assert main(["calibrate", str(recipe), "--address", "auto", "--set", "runner.num_workers=2"]) == 0
+    finally:
+        ray.shutdown()
+    out = tmp_path / "calibration"
+    result = json.loads((out / "results.json").read_text())
+    assert all(r["finished"] and r["eval_loss"] > 0 for r in result["arms"])
+    for r in result["arms"]:
+        assert json.loads((out / "arms" / r["arm"] / "train" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_worker_groups_without_a_cluster_are_refused(tmp_path, capsys):
+    from jobs.cli import main
+
+    shards, _ = noisy_shards(tmp_path)
+    recipe = calibration_recipe(tmp_path, shards)
+    assert main(["calibrate", str(recipe), "--set", "runner.num_workers=2"]) == 2
+    assert "runner.num_workers=2 runs each arm as a Ray Train worker group: give --address" in capsys.readouterr().err
+    assert not (tmp_path / "calibration").exists()  # refused before planning
+
+
 def test_resuming_with_another_proxy_recipe_is_refused(tmp_path, capsys):
     """Finished arms only compare with arms of the same proxy, held-out set and shards."""
     from jobs.cli import main

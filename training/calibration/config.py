@@ -61,10 +61,20 @@ class HeldOutConfig(Config):
 
 
 class RunnerConfig(Config):
-    """Resources of one arm when arms run as Ray tasks (`lvd calibrate --address`): one arm per task."""
+    """Resources of one arm when arms run on a Ray cluster (`lvd calibrate --address`)."""
 
+    num_workers: int = 1
+    """Ranks per arm: 1 runs an arm as one Ray task; more run it as a Ray Train worker group of that many
+    ranks (as `lvd train --launcher ray`), the resources below per rank."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+
+    @pydantic.field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"runner.num_workers ({v}) must be at least 1")
+        return v
 
 
 class CalibrateConfig(Config):

@@ -1,8 +1,9 @@
 """Training the arms: each arm is the proxy stage recipe with its own subset and output folder, evaluated on
 the held-out clips (the stage's `eval` section, training/evaluation.py).
 
-Arms run one after another in this process, or in parallel as Ray tasks on a cluster (`--address`, one arm
-per task with `runner.num_cpus` / `runner.num_gpus`); `lvd submit -- calibrate ...` runs the same driver as
+Arms run one after another in this process, or in parallel on a Ray cluster (`--address`): one arm per task
+with `runner.num_cpus` / `runner.num_gpus`, or with `runner.num_workers` > 1 one Ray Train worker group of
+that many ranks per arm; `lvd submit -- calibrate ...` runs the same driver as
 a cluster job. An arm is finished when arms/<arm>/done.json exists (written after its model and eval.json);
 a re-run skips finished arms and resumes an interrupted one from its last checkpoint.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from common.config import ConfigError, apply_overrides, read_yaml, validate
 from training.calibration.arms import HELDOUT, Arm, plan, write_plan
-from training.calibration.config import CalibrateConfig
+from training.calibration.config import CalibrateConfig, RunnerConfig
 from training.train_config import TrainConfig
 
 DONE = "done.json"
@@ -58,17 +59,30 @@ def is_done(folder: Path) -> bool:
     return (folder / DONE).is_file()
 
 
-def train_arm(config_json: dict[str, Any], folder: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Trains one arm in this process (a Ray task or the driver), measures its metrics, writes its done.json."""
-    from training.launch import run_local
+def train_stage(train: TrainConfig, runner: RunnerConfig) -> dict[str, Any]:
+    """The arm's proxy run: one rank in this process, or a Ray Train worker group of runner.num_workers ranks
+    on the Ray this process is connected to. Returns what its summary.json says."""
+    from training.launch import run_local, run_ray
 
+    if runner.num_workers == 1:
+        run_local(train)
+    else:
+        per_worker = {"CPU": runner.num_cpus, **({"GPU": runner.num_gpus} if runner.num_gpus else {})}
+        run_ray(train, runner.num_workers, use_gpu=runner.num_gpus > 0, resources_per_worker=per_worker)
+    return json.loads((Path(train.output) / "summary.json").read_text())
+
+
+def train_arm(config_json: dict[str, Any], folder: str, metrics: dict[str, Any] | None = None,
+              runner_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Trains one arm (in this process, a Ray task, or a worker group started from here), measures its metrics,
+    writes its done.json."""
     train = TrainConfig.model_validate(config_json)
     t0 = time.perf_counter()
-    summary = run_local(train)
+    summary = train_stage(train, RunnerConfig.model_validate(runner_json or {}))
     out = Path(train.output)
-    record = {"eval": json.loads((out / "eval.json").read_text()), "steps": summary.steps,
-              "final_loss": summary.final_loss, "samples": summary.samples, "seconds": time.perf_counter() - t0,
-              "model": summary.export, "clip_similarity": None, "fvd": None}
+    record = {"eval": json.loads((out / "eval.json").read_text()), "steps": summary["steps"],
+              "final_loss": summary["final_loss"], "samples": summary["samples"], "seconds": time.perf_counter() - t0,
+              "model": summary["export"], "clip_similarity": None, "fvd": None}
     metrics = metrics or {}
     if "clip" in metrics:
         from training.calibration.clip_similarity import ClipSimilarityConfig, clip_similarity
@@ -124,6 +138,12 @@ def prepare(config: CalibrateConfig) -> tuple[list[tuple[Arm, TrainConfig]], int
     return configs, len(heldout)
 
 
+def check_address(config: CalibrateConfig, address: str | None) -> None:
+    if address is None and config.runner.num_workers > 1:
+        raise ConfigError(f"runner.num_workers={config.runner.num_workers} runs each arm as a Ray Train worker "
+                          "group: give --address (a Ray cluster), or set runner.num_workers=1")
+
+
 def run_arms(config: CalibrateConfig, arms: list[tuple[Arm, TrainConfig]], say: Say, address: str | None = None,
              max_arms: int | None = None) -> list[str]:
     """Trains the unfinished arms (at most `max_arms` of them); returns the names trained now."""
@@ -135,6 +155,7 @@ def run_arms(config: CalibrateConfig, arms: list[tuple[Arm, TrainConfig]], say: 
         todo = todo[:max_arms]
     if not todo:
         return []
+    check_address(config, address)
     if address is None:
         for i, (arm, c) in enumerate(todo, 1):
             say(f"arm {i}/{len(todo)}: {arm.name} ({arm.num_samples} clips: {arm.rule})")
@@ -145,17 +166,21 @@ def run_arms(config: CalibrateConfig, arms: list[tuple[Arm, TrainConfig]], say: 
 
 
 def _run_ray(config: CalibrateConfig, todo: list[tuple[Arm, TrainConfig]], say: Say, address: str) -> list[str]:
-    """One Ray task per arm, as many at once as the cluster fits; the output folder must be shared storage."""
+    """One Ray task per arm, as many at once as the cluster fits; the output folder must be shared storage.
+    With runner.num_workers > 1 the task (0 CPUs: a driver only) starts the arm's Ray Train worker group, whose
+    ranks take the runner's resources each; groups beyond the cluster's capacity wait for it."""
     import ray
 
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, logging_level="WARNING")
     try:
-        task = ray.remote(train_arm).options(num_cpus=config.runner.num_cpus, num_gpus=config.runner.num_gpus,
-                                             max_retries=0)
-        pending = {task.remote(c.model_dump(mode="json"), str(arm.folder(config.output)), metrics_json(config)): arm
-                   for arm, c in todo}
+        runner = config.runner
+        group = runner.num_workers > 1
+        task = ray.remote(train_arm).options(num_cpus=0 if group else runner.num_cpus,
+                                             num_gpus=0 if group else runner.num_gpus, max_retries=0)
+        pending = {task.remote(c.model_dump(mode="json"), str(arm.folder(config.output)), metrics_json(config),
+                               runner.model_dump(mode="json")): arm for arm, c in todo}
         say(f"{len(pending)} arm(s) submitted to Ray at {address}")
         trained, failed = [], []
         while pending:
