@@ -68,7 +68,9 @@ def train_stage(train: TrainConfig, runner: RunnerConfig) -> dict[str, Any]:
         run_local(train)
     else:
         per_worker = {"CPU": runner.num_cpus, **({"GPU": runner.num_gpus} if runner.num_gpus else {})}
-        run_ray(train, runner.num_workers, use_gpu=runner.num_gpus > 0, resources_per_worker=per_worker)
+        result = run_ray(train, runner.num_workers, use_gpu=runner.num_gpus > 0, resources_per_worker=per_worker)
+        if getattr(result, "error", None) is not None:
+            raise RuntimeError(f"the worker group of {train.name} failed: {result.error}")
     return json.loads((Path(train.output) / "summary.json").read_text())
 
 
