@@ -143,10 +143,12 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def run_ray(config: TrainConfig, num_workers: int, address: str | None = None, use_gpu: bool | None = None,
-            storage_path: str | None = None, max_failures: int = 0):
+            storage_path: str | None = None, max_failures: int = 0,
+            resources_per_worker: dict[str, float] | None = None):
     """Runs the stage on `num_workers` Ray Train workers (a local Ray when `address` is None). The output
     folder must be storage every worker sees (as under torchrun); Ray also keeps the reported checkpoints in
-    `storage_path` (default OUTPUT/ray) and restarts failed workers up to `max_failures` times."""
+    `storage_path` (default OUTPUT/ray) and restarts failed workers up to `max_failures` times.
+    `resources_per_worker`: Ray resources of each worker (default: Ray Train's, 1 CPU and 1 GPU with use_gpu)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -170,7 +172,8 @@ def run_ray(config: TrainConfig, num_workers: int, address: str | None = None, u
         config = config.model_copy(update={"output": str(output)})
         trainer = TorchTrainer(
             ray_train_loop, train_loop_config={"config": config.model_dump(mode="json")},
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                         resources_per_worker=resources_per_worker),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             run_config=RunConfig(name=config.name, storage_path=storage_path or str(output / "ray"),
                                  failure_config=FailureConfig(max_failures=max_failures)))

@@ -35,6 +35,7 @@ def noisy_shards(root: Path) -> tuple[Path, set[str]]:
 
 
 def calibration_recipe(root: Path, shards: Path, clip: bool = False) -> Path:
+    """The recipe; `clip`: with the optional metrics (CLIP similarity, FVD) on tiny random stand-ins."""
     proxy = stage_tree(root / "unused", shard_data(shards, batch_size=2, image_ratio=0.0, resolutions=[[32, 48]],
                                                     num_frames=[4]), steps=20)
     proxy.update(checkpoint={"every": 10, "keep_last": 1}, logging={"every": 10, "report_to": []})
@@ -49,6 +50,11 @@ def calibration_recipe(root: Path, shards: Path, clip: bool = False) -> Path:
 
         tree["clip"] = {"checkpoint": str(write_tiny_open_clip(root / "clip")), "prompts": ["a square", "noise"],
                         "num_frames": 2, "size": [32, 48], "num_steps": 2}
+        # and the tiny random VideoMAE stand-in, FVD's
+        from tests.training.test_fvd import write_tiny_videomae
+
+        tree["fvd"] = {"checkpoint": str(write_tiny_videomae(root / "videomae")), "num_frames": 4, "size": [32, 48],
+                       "num_steps": 2}
     return write_recipe(root / "calibrate.yaml", tree)
 
 
@@ -106,7 +112,10 @@ def test_calibration_ranks_the_corrupting_score_above_random_and_resumes(tmp_pat
     from training.calibration.clip_similarity import ClipSimilarityConfig, clip_similarity
     from training.sampler import SamplerConfig
 
-    assert result["metrics"]["clip_similarity"].startswith("ran") and result["metrics"]["fvd"].startswith("not run")
+    assert result["metrics"]["clip_similarity"].startswith("ran") and result["metrics"]["fvd"].startswith("ran")
+    fvds = {r["arm"]: r["fvd"] for r in result["arms"]}
+    assert all(np.isfinite(v) and v >= -1e-6 for v in fvds.values()) and len(set(fvds.values())) == len(fvds), fvds
+    assert "| fvd |" in (out / "results.md").read_text() and "<th>fvd</th>" in (out / "report.html").read_text()
     sims = {r["arm"]: r["clip_similarity"] for r in result["arms"]}
     assert all(-1.0 <= v <= 1.0 for v in sims.values()), sims
     again = clip_similarity(first / "train" / "model", ClipSimilarityConfig(**yaml.safe_load(recipe.read_text())["clip"]),
@@ -165,6 +174,37 @@ def test_arms_run_as_ray_tasks(tmp_path):
     assert all(r["finished"] and r["eval_loss"] > 0 for r in result["arms"])
 
 
+@pytest.mark.slow
+def test_arms_run_as_ray_train_worker_groups(tmp_path):
+    """runner.num_workers=2 with --address: each arm is a Ray Train group of 2 ranks (its summary says so)."""
+    import ray
+
+    from jobs.cli import main
+
+    shards, _ = noisy_shards(tmp_path)
+    recipe = calibration_recipe(tmp_path, shards)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    try:
+        assert main(["calibrate", str(recipe), "--address", "auto", "--set", "runner.num_workers=2"]) == 0
+    finally:
+        ray.shutdown()
+    out = tmp_path / "calibration"
+    result = json.loads((out / "results.json").read_text())
+    assert all(r["finished"] and r["eval_loss"] > 0 for r in result["arms"])
+    for r in result["arms"]:
+        assert json.loads((out / "arms" / r["arm"] / "train" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_worker_groups_without_a_cluster_are_refused(tmp_path, capsys):
+    from jobs.cli import main
+
+    shards, _ = noisy_shards(tmp_path)
+    recipe = calibration_recipe(tmp_path, shards)
+    assert main(["calibrate", str(recipe), "--set", "runner.num_workers=2"]) == 2
+    assert "runner.num_workers=2 runs each arm as a Ray Train worker group: give --address" in capsys.readouterr().err
+    assert not (tmp_path / "calibration").exists()  # refused before planning
+
+
 def test_resuming_with_another_proxy_recipe_is_refused(tmp_path, capsys):
     """Finished arms only compare with arms of the same proxy, held-out set and shards."""
     from jobs.cli import main
@@ -175,3 +215,47 @@ def test_resuming_with_another_proxy_recipe_is_refused(tmp_path, capsys):
     assert (tmp_path / "calibration" / "arms" / "random-50" / "subset.parquet").is_file()
     assert main(["calibrate", str(recipe), "--max-arms", "0", "--set", "train_set=[steps=30]"]) == 2
     assert "holds a calibration with another proxy" in capsys.readouterr().err
+    # no fvd section: the outputs say the metric did not run
+    result = json.loads((tmp_path / "calibration" / "results.json").read_text())
+    assert result["metrics"]["fvd"].startswith("not run: no VideoMAE feature extractor configured")
+
+
+def test_a_curation_run_as_the_source_is_written_as_shards_once(tmp_path, capsys):
+    """run: PATH instead of shards: calibrate writes the run's usable clips into OUTPUT/shards (as
+    `lvd shards write --all-usable`), plans its arms on them, and a re-run rewrites nothing."""
+    import pandas as pd
+
+    from jobs.cli import main
+    from shards.manifest import Manifest
+    from shards.testing import fake_run
+
+    clips = fake_run(tmp_path / "run", num_clips=NUM_CLIPS, num_frames=8, fps=8.0, sizes=[(32, 48)], captions=True,
+                     dropped_every=3, failed=2)
+    recipe = calibration_recipe(tmp_path, tmp_path / "unused-shards")
+    args = ["calibrate", str(recipe), "--max-arms", "0", "--set", "shards=null", "--set", f"run={tmp_path / 'run'}",
+            "--set", "shards_set=[shard_max_bytes=200KB]"]
+    assert main(args) == 0
+    assert "0 written by this run" not in capsys.readouterr().out
+    shards = tmp_path / "calibration" / "shards"
+    manifest = Manifest.load(str(shards))
+    # every usable clip, the ones the run's thresholds drop too, and not the failed ones
+    assert manifest.num_samples == NUM_CLIPS and (~clips["keep"]).sum() > 2
+    subset = set(pd.read_parquet(tmp_path / "calibration" / "arms" / "baseline" / "subset.parquet")["key"])
+    assert subset <= set(manifest.scan(["key"]).to_pandas()["key"]) and len(subset) == NUM_CLIPS - 6
+    assert main(args) == 0
+    assert f"{NUM_CLIPS} samples in" in (out := capsys.readouterr().out) and "0 written by this run" in out
+
+
+@pytest.mark.parametrize("sources", [{}, {"run": "somewhere"}], ids=["neither", "both"])
+def test_shards_and_run_are_exclusive(tmp_path, capsys, sources):
+    from jobs.cli import main
+
+    recipe = calibration_recipe(tmp_path, tmp_path / "shards")
+    tree = yaml.safe_load(recipe.read_text())
+    if not sources:
+        del tree["shards"]
+    tree.update(sources)
+    write_recipe(recipe, tree)
+    assert main(["calibrate", str(recipe)]) == 2
+    assert "name exactly one of shards (a shard folder) and run" in capsys.readouterr().err
+    assert not (tmp_path / "calibration").exists()

@@ -58,7 +58,7 @@ def plan(config: CalibrateConfig, manifest: Manifest) -> tuple[np.ndarray, list[
     pool too small to hold out and train on."""
     missing = [s for s in config.scores if s not in manifest.schema.names]
     if missing:
-        raise ConfigError(f"scores {missing} are not columns of {config.shards}'s manifest; its scores are "
+        raise ConfigError(f"scores {missing} are not columns of {config.shard_folder}'s manifest; its scores are "
                           f"{manifest.score_columns}")
     try:
         pool = manifest.select(config.query)
@@ -135,5 +135,5 @@ def write_plan(config: CalibrateConfig, manifest: Manifest, heldout: np.ndarray,
         folder = arm.folder(out)
         folder.mkdir(parents=True, exist_ok=True)
         save_subset(manifest, rows, str(folder / "subset.parquet"), arm.rule)
-    plan_file.write_text(json.dumps({"basis": basis, "shards": config.shards, "num_heldout": len(heldout),
+    plan_file.write_text(json.dumps({"basis": basis, "shards": config.shard_folder, "num_heldout": len(heldout),
                                      "arms": [asdict(a) for a, _ in arms]}, indent=1))

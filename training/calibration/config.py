@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import pydantic
 
-from common.config import Config
+from common.config import Config, apply_overrides, validate
 from training.calibration.clip_similarity import ClipSimilarityConfig
+from training.calibration.fvd import FvdConfig
 from training.evaluation import DEFAULT_SIGMAS
 
 SVD_FRACTIONS = [12.5, 25.0, 50.0]
@@ -59,10 +61,20 @@ class HeldOutConfig(Config):
 
 
 class RunnerConfig(Config):
-    """Resources of one arm when arms run as Ray tasks (`lvd calibrate --address`): one arm per task."""
+    """Resources of one arm when arms run on a Ray cluster (`lvd calibrate --address`)."""
 
+    num_workers: int = 1
+    """Ranks per arm: 1 runs an arm as one Ray task; more run it as a Ray Train worker group of that many
+    ranks (as `lvd train --launcher ray`), the resources below per rank."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+
+    @pydantic.field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"runner.num_workers ({v}) must be at least 1")
+        return v
 
 
 class CalibrateConfig(Config):
@@ -72,9 +84,14 @@ class CalibrateConfig(Config):
     output: str
     """arms/<arm>/ (subset.parquet, train/ with the proxy's model and eval.json, done.json), heldout.parquet,
     results.json, results.csv, results.md, thresholds.yaml, report.html, config.yaml, run.json."""
-    shards: str
+    shards: str | None = None
     """The shard folder (its manifest carries every score); write shards with `--all-usable` to calibrate over
-    the clips the current thresholds drop too."""
+    the clips the current thresholds drop too. Exactly one of `shards` and `run`."""
+    run: str | None = None
+    """A curation run instead of shards: calibrate writes the run's usable clips as shards itself (as
+    `lvd shards write RUN OUTPUT/shards --all-usable`; resumable) and calibrates on them."""
+    shards_set: list[str] = []
+    """With `run`: shard writer settings (`key=value`, as `lvd shards write --set`), e.g. [shard_max_bytes=256MiB]."""
     query: str | None = None
     """The pool every arm draws from, as a query over the manifest (e.g. `keep`); None: every sample."""
     scores: dict[str, ScoreArms]
@@ -95,6 +112,9 @@ class CalibrateConfig(Config):
     clip: ClipSimilarityConfig | None = None
     """CLIP text-video similarity of each proxy's samples for fixed prompts (a second metric, reported next
     to the held-out loss); None: not measured."""
+    fvd: FvdConfig | None = None
+    """FVD between each proxy's samples and the held-out clips, with a VideoMAE feature extractor (reported next
+    to the held-out loss; meaningful only with a real extractor and many samples); None: not measured."""
     runner: RunnerConfig = RunnerConfig()
 
     @pydantic.field_validator("fractions")
@@ -108,7 +128,23 @@ class CalibrateConfig(Config):
         if not self.scores:
             raise ValueError("scores is empty; name at least one score column, e.g. scores: {motion_score: "
                              "{direction: bottom}}")
+        if (self.shards is None) == (self.run is None):
+            raise ValueError("name exactly one of shards (a shard folder) and run (a curation run, written as shards "
+                             f"into OUTPUT/shards); got shards={self.shards!r}, run={self.run!r}")
         return self
+
+    def shard_write_config(self):
+        """The shard writer's settings for `run`: `shards_set` over the defaults, every usable clip."""
+        from shards.config import ShardWriteConfig
+
+        tree = apply_overrides({}, self.shards_set)
+        tree["selection"] = "all_usable"
+        return validate(ShardWriteConfig, tree, source="shards_set")
+
+    @property
+    def shard_folder(self) -> str:
+        """The shards every arm draws from: `shards`, or OUTPUT/shards written from `run`."""
+        return self.shards if self.shards is not None else str(Path(self.output) / "shards")
 
     def fractions_of(self, score: str) -> list[float]:
         return self.scores[score].fractions or self.fractions

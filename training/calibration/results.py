@@ -23,7 +23,7 @@ from training.calibration.runner import DONE
 METRIC = "eval_loss"
 CAVEAT = ("Tiny random-init proxies trained for a few steps say nothing about real quality: the numbers show the "
           "mechanics. At real scale SVD's proxies trained 40k steps at batch 256 on 8x256x256 clips per arm.")
-FVD_NOT_RUN = "not run: FVD needs an I3D / VideoMAE feature extractor, which lvd does not have yet"
+FVD_NOT_RUN = "not run: no VideoMAE feature extractor configured (calibration recipe key fvd)"
 
 
 def collect(config: CalibrateConfig, arms: list[Arm]) -> list[dict[str, Any]]:
@@ -32,12 +32,12 @@ def collect(config: CalibrateConfig, arms: list[Arm]) -> list[dict[str, Any]]:
     for arm in arms:
         row: dict[str, Any] = {"arm": arm.name, "kind": arm.kind, "score": arm.score, "direction": arm.direction,
                                "fraction": arm.fraction, "num_samples": arm.num_samples, "rule": arm.rule,
-                               "finished": False, METRIC: None, "clip_similarity": None}
+                               "finished": False, METRIC: None, "clip_similarity": None, "fvd": None}
         done = arm.folder(config.output) / DONE
         if done.is_file():
             record = json.loads(done.read_text())
             row.update(finished=True, steps=record["steps"], train_loss=record["final_loss"],
-                       clip_similarity=record.get("clip_similarity"),
+                       clip_similarity=record.get("clip_similarity"), fvd=record.get("fvd"),
                        **{k: v for k, v in record["eval"].items() if k.startswith("eval_loss")})
         rows.append(row)
     baseline = next((r[METRIC] for r in rows if r["kind"] == "baseline"), None)
@@ -89,16 +89,20 @@ def write_outputs(config: CalibrateConfig, arms: list[Arm], num_heldout: int) ->
     clip = (f"ran: CLIP text-video similarity of samples for {len(config.clip.prompts)} fixed prompt(s) "
             f"({config.clip.checkpoint}; higher is better; reported, not used for the suggestion)"
             if config.clip is not None else "not run: no CLIP checkpoint configured (calibration recipe key clip)")
+    fvd = (f"ran: FVD of samples for the held-out captions vs the held-out clips, VideoMAE features "
+           f"({config.fvd.checkpoint}; lower is better; meaningful only with a real extractor and hundreds of "
+           "samples; reported, not used for the suggestion)" if config.fvd is not None else FVD_NOT_RUN)
     metrics = {METRIC: "ran: validation denoising loss (held-out clips, fixed EDM sigmas and noise seeds); "
-                       "lower is better, the suggestion's metric", "clip_similarity": clip, "fvd": FVD_NOT_RUN}
-    result = {"name": config.name, "shards": config.shards, "num_heldout": num_heldout, "sigmas": config.heldout.sigmas,
+                       "lower is better, the suggestion's metric", "clip_similarity": clip, "fvd": fvd}
+    result = {"name": config.name, "shards": config.shard_folder, "num_heldout": num_heldout,
+              "sigmas": config.heldout.sigmas,
               "arms": rows, "finished": finished, "suggested_thresholds": thresholds, "why": why,
               "metrics": metrics, "caveat": CAVEAT}
     paths = {"json": out / "results.json", "csv": out / "results.csv", "table": out / "results.md",
              "thresholds": out / "thresholds.yaml", "html": out / "report.html"}
     paths["json"].write_text(json.dumps(result, indent=1))
     columns = ["arm", "kind", "score", "direction", "fraction", "num_samples", METRIC, "vs_baseline", "vs_random",
-               "clip_similarity", "finished", "rule"]
+               "clip_similarity", "fvd", "finished", "rule"]
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -136,7 +140,7 @@ def render(config: CalibrateConfig, result: dict[str, Any]) -> str:
     e = html.escape
     title = f"calibration report: {config.name}"
     rows = result["arms"]
-    columns = ["arm", "num_samples", METRIC, "vs_baseline", "vs_random", "clip_similarity", "rule"]
+    columns = ["arm", "num_samples", METRIC, "vs_baseline", "vs_random", "clip_similarity", "fvd", "rule"]
     table = ["<table class=\"arms\"><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
     for r in rows:
         cells = "".join(f"<td class=\"{'num' if c != 'arm' and c != 'rule' else ''}\">{e(_fmt(r.get(c), c))}</td>"
@@ -154,7 +158,7 @@ def render(config: CalibrateConfig, result: dict[str, Any]) -> str:
         f"<header><h1>{e(title)}</h1><p class=\"path\">{e(str(Path(config.output).absolute()))}</p>",
         f"<p class=\"stand-ins\">{e(CAVEAT)}</p>",
         f"<p>{result['finished']}/{len(rows)} arms finished; {result['num_heldout']} held-out clips from "
-        f"<code>{e(config.shards)}</code>; lower loss is better.</p></header>",
+        f"<code>{e(config.shard_folder)}</code>; lower loss is better.</p></header>",
         f'<section id="metrics"><h2>Metrics</h2><ul>{metrics}</ul></section>',
         '<section id="plots"><h2>Held-out loss vs fraction dropped</h2><div class="histograms">', plots, "</div></section>",
         '<section id="arms"><h2>Arms</h2>', *table, "</section>",
