@@ -13,8 +13,9 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/lock.txt requirements/no-deps.txt requirements/torch-constraint.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[dev]'
-	$(PIP) --no-deps -r requirements/no-deps.txt
+	@echo "installing lvd and its pinned packages into $(VENV) (pip's output: $(VENV)/pip-install.log)"
+	$(PIP) -e '.[dev]' > $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
+	$(PIP) --no-deps -r requirements/no-deps.txt >> $(VENV)/pip-install.log 2>&1 || (cat $(VENV)/pip-install.log; exit 1)
 	$(PY) -m pip check > $(VENV)/pip-check.log 2>&1 || echo "pip check reports dependency conflicts: see $(VENV)/pip-check.log"
 	touch $(STAMP)
 

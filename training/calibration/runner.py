@@ -106,21 +106,17 @@ def write_run_shards(config: CalibrateConfig, say: Say, address: str | None = No
     """`run`: the curation run's usable clips -> OUTPUT/shards, as `lvd shards write RUN OUT --all-usable` (one
     task per ledger file on the Ray cluster at `address`, else in this process); resumes a killed write and
     rewrites nothing when the shards are complete."""
-    import ray
+    from contextlib import nullcontext
 
+    from common.local_ray import ray_connected
     from shards.writer import write_shards
 
     writer = config.shard_write_config()
-    started = address is not None and not ray.is_initialized()
-    if started:
-        ray.init(address=address, logging_level="WARNING")
     try:
-        summary = write_shards(config.run, config.shard_folder, writer)
+        with ray_connected(address) if address is not None else nullcontext():
+            summary = write_shards(config.run, config.shard_folder, writer)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"run {config.run}: {e}") from None
-    finally:
-        if started:
-            ray.shutdown()
     say(f"shards of {config.run}: {summary.lines()[0]}")
 
 
@@ -173,10 +169,9 @@ def _run_ray(config: CalibrateConfig, todo: list[tuple[Arm, TrainConfig]], say: 
     ranks take the runner's resources each; groups beyond the cluster's capacity wait for it."""
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, logging_level="WARNING")
-    try:
+    from common.local_ray import ray_connected
+
+    with ray_connected(address):
         runner = config.runner
         group = runner.num_workers > 1
         task = ray.remote(train_arm).options(num_cpus=0 if group else runner.num_cpus,
@@ -199,6 +194,4 @@ def _run_ray(config: CalibrateConfig, todo: list[tuple[Arm, TrainConfig]], say: 
         if failed:
             raise RuntimeError(f"arms {failed} failed; re-run the same command to retry them (finished arms are kept)")
         return trained
-    finally:
-        if started:
-            ray.shutdown()
+
