@@ -206,14 +206,14 @@ class ClipScore(Stage):
                     frame_rows[key] = len(unique_frames)
                     unique_frames.append(frame)
                 rows[i].append(frame_rows[key])
-        image = self._embed_images(unique_frames)
+        image = self.embed_images(unique_frames)
         aesthetic = self._aesthetic(image) if m.head is not None else None
         text_rows: dict[str, int] = {}
         for i in good:
             for text, _ in captions[i]:
                 if text is not None:
                     text_rows.setdefault(text, len(text_rows))
-        text = self._embed_texts(list(text_rows)) if text_rows else None
+        text = self.embed_texts(list(text_rows)) if text_rows else None
 
         for i in good:
             emb = image[rows[i]]
@@ -240,7 +240,7 @@ class ClipScore(Stage):
             return contextlib.nullcontext()
         return torch.autocast(m.device.type, dtype=m.autocast_dtype)
 
-    def _embed_images(self, frames: list[np.ndarray]) -> np.ndarray:
+    def embed_images(self, frames: list[np.ndarray]) -> np.ndarray:
         """L2-normalised float32 image embeddings of `frames` (H x W x 3 uint8 each), in order (N x D)."""
         import torch
         from PIL import Image
@@ -252,7 +252,8 @@ class ClipScore(Stage):
         feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy().astype(np.float32)
 
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised float32 text embeddings of `texts`, in order (N x D)."""
         import torch
 
         m = self._loaded

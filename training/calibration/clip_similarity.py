@@ -55,7 +55,7 @@ def clip_similarity(model_dir: str | Path, config: ClipSimilarityConfig, sampler
     scorer = ClipScore(ClipScoreConfig(checkpoint=config.checkpoint, model=config.model, aesthetic_head=None,
                                        num_gpus=1.0 if device.type == "cuda" else 0.0))
     scorer.setup()
-    texts = scorer._embed_texts(config.prompts)
+    texts = scorer.embed_texts(config.prompts)
     steps = sampler.model_copy(update={"num_steps": config.num_steps})
     sims = []
     for i, prompt in enumerate(config.prompts):
@@ -64,6 +64,6 @@ def clip_similarity(model_dir: str | Path, config: ClipSimilarityConfig, sampler
         clips = sample_long(model.denoise, text, None, None, config.num_frames, 1, (h // mc.vae.downsample,
                             w // mc.vae.downsample), steps, mc.latent_channels, model.scaling_factor, generator)
         frames = to_uint8(model.decode_latents(clips[0])[0])
-        images = scorer._embed_images(list(frames))
+        images = scorer.embed_images(list(frames))
         sims.append(float(np.mean(images @ texts[i])))
     return float(np.mean(sims))
