@@ -324,6 +324,19 @@ def write_shards(run_dir: str | Path, out_dir: str | Path, config: ShardWriteCon
                         int(manifest.info["size_bytes"]), skipped)
 
 
+def read_source_sample(reader, rec: dict) -> dict[str, bytes] | Skipped:
+    """A source shard's sample (its manifest row `rec`) as member bytes, crc32-checked; a refused name (a hostile
+    manifest: never read, never written, never a file name) or a corrupt sample comes back as a Skipped."""
+    key = str(rec["key"])
+    refused = key_problem(key) or shard_problem(rec["shard"])
+    if refused:
+        return Skipped(key, f"refused: {refused}")
+    try:
+        return {ext: bytes(v) for ext, v in reader.read(rec, verify=True).items()}
+    except Exception as e:  # noqa: BLE001 - a corrupt source sample is reported, not fatal
+        return Skipped(key, f"corrupt: {e}")
+
+
 def rewrite_shards(source: Manifest, rows: Iterable[int] | None, out_dir: str | Path,
                    config: ShardWriteConfig | None = None,
                    add_files: Callable[[str, dict[str, bytes]], dict[str, bytes]] | None = None) -> WriteSummary:
@@ -353,14 +366,9 @@ def rewrite_shards(source: Manifest, rows: Iterable[int] | None, out_dir: str | 
             key = str(rec["key"])
             if key in done:
                 continue
-            refused = key_problem(key) or shard_problem(rec["shard"])
-            if refused:  # a hostile manifest: never read, never written, never a file name
-                skipped.append(Skipped(key, f"refused: {refused}"))
-                continue
-            try:
-                members = {ext: bytes(v) for ext, v in reader.read(rec, verify=True).items()}
-            except Exception as e:  # noqa: BLE001 - a corrupt source sample is reported, not fatal
-                skipped.append(Skipped(key, f"corrupt: {e}"))
+            members = read_source_sample(reader, rec)
+            if isinstance(members, Skipped):
+                skipped.append(members)
                 continue
             if add_files is not None:
                 members.update(add_files(key, members))

@@ -162,10 +162,9 @@ def precompute_shard(config: PrecomputeConfig, group: int, shard: str, rows: np.
     from shards.config import ShardWriteConfig
     from shards.loader import ShardLoader
     from shards.manifest import RESERVED, Manifest, manifest_schema
-    from shards.names import key_problem, shard_problem
     from shards.plan import without_refused
     from shards.reader import SampleReader
-    from shards.writer import PreparedSample, ShardWriter, Skipped, resume_group
+    from shards.writer import PreparedSample, ShardWriter, Skipped, read_source_sample, resume_group
 
     out = Path(config.output)
     resume = resume_group(out, group)
@@ -185,14 +184,9 @@ def precompute_shard(config: PrecomputeConfig, group: int, shard: str, rows: np.
         rec = pending.pop(key, None)
         if rec is None:  # a sample the loader substituted for a corrupt batch: written already
             return
-        refused = key_problem(key) or shard_problem(rec["shard"])
-        if refused:
-            skipped.append(Skipped(key, f"refused: {refused}"))
-            return
-        try:
-            members = {ext: bytes(v) for ext, v in reader.read(rec, verify=True).items()}
-        except Exception as e:  # noqa: BLE001 - a corrupt source sample is reported, not fatal
-            skipped.append(Skipped(key, f"corrupt: {e}"))
+        members = read_source_sample(reader, rec)
+        if isinstance(members, Skipped):
+            skipped.append(members)
             return
         writer.add(PreparedSample(key, {**members, **extra}, {c: rec.get(c) for c in ledger_cols}))
 
