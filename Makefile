@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/no-deps.txt requirem
 # Every step resumes, so running it again only redoes what is missing.
 demo: $(STAMP)
 	@echo "== 1/7 synthetic videos -> $(DEMO_DIR)/videos"
-	@$(PY) -m curation.synthetic $(DEMO_DIR)/videos > /dev/null
+	@$(PY) -m curation.testing.synthetic $(DEMO_DIR)/videos > /dev/null
 	@echo "== 2/7 lvd curate recipes/curation/demo.yaml (tiny random-weight stand-ins for the models)"
 	@$(LVD) curate recipes/curation/demo.yaml --set inputs=[$(DEMO_DIR)/videos] --set output=$(DEMO_DIR)/run \
-	    $$($(PY) -m curation.tiny_models $(DEMO_DIR)/models)
+	    $$($(PY) -m curation.testing.tiny_models $(DEMO_DIR)/models)
 	@echo "== 3/7 lvd report $(DEMO_DIR)/run"
 	@$(LVD) report $(DEMO_DIR)/run
 	@echo "== 4/7 lvd shards write"

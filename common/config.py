@@ -88,7 +88,7 @@ def validate(model: type[T], tree: dict[str, Any], source: str = "recipe") -> T:
 
 # The recipe kinds and their commands, to tell a user who gave one to the wrong command (imported only then).
 RECIPE_COMMANDS = {"curation.config:CurationConfig": ("lvd curate", "recipes/curation/cpu_fast.yaml"),
-                   "training.train_config:TrainConfig": ("lvd train", "recipes/train/tiny_stage1.yaml")}
+                   "training.stage_config:TrainConfig": ("lvd train", "recipes/train/tiny_stage1.yaml")}
 
 
 def load_recipe(model: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:

@@ -9,15 +9,15 @@ import pyarrow as pa
 import pydantic
 
 from common.config import Config
-from curation.captioning import CaptionConfig, Captioning
-from curation.clip_score import ClipScore, ClipScoreConfig
-from curation.cuts import CutsConfig
-from curation.dedup import DedupConfig
+from curation.stages.captioning import CaptionConfig, Captioning
+from curation.stages.clip_score import ClipScore, ClipScoreConfig
+from curation.video.cuts import CutsConfig
+from curation.post.dedup import DedupConfig
 from curation.inputs import VIDEO_EXTENSIONS
-from curation.motion import MotionConfig
+from curation.video.motion import MotionConfig
 from curation.ledger import CLIP_SCHEMA
-from curation.text_area import TextArea, TextAreaConfig
-from curation.thresholds import Threshold
+from curation.stages.text_area import TextArea, TextAreaConfig
+from curation.post.thresholds import Threshold
 
 # Model stages in pipeline order, with the ledger columns each writes; every other numeric clip column
 # (motion, times, sizes) is written by the decode of every run.

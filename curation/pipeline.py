@@ -3,7 +3,7 @@
     listing tasks ─► RUN/inputs/ ─► plan task (DuckDB: dedupe, minus the committed video ids)
       ─► Ray Data, blocks of many videos ─► VideoActor pool (isolated decode: cuts, flow, key frames, clips)
       ─► one actor pool per model stage (text area, captions, CLIP) ─► writer tasks: RUN/ledger/
-      ─► decision tasks (curation/decisions.py): RUN/decisions/, funnel.json
+      ─► decision tasks (curation/post/decisions.py): RUN/decisions/, funnel.json
 
 The driver plans and counts: no video or clip row passes through it, so its memory and time do not grow
 with the dataset. Without an address a local Ray starts and stops inside the run; with one, the same
@@ -28,15 +28,15 @@ from common.checkpoints import CheckpointSpec, MissingCheckpoint, is_random_stan
 from common.local_ray import local_ray
 from common.verbosity import PlainFormatter, native_logs_to
 from curation.config import CurationConfig
-from curation.decisions import decide
+from curation.post.decisions import decide
 from curation.inputs import Item, check_paths, deferred, list_task, missing_inputs_error, unmatched
 from curation.ledger import Ledger
 from curation.tasks import call_task
 
 # Model-backed stages, in pipeline order: (import path, config section).
 # The caption stage runs before the CLIP stage, which scores text-image similarity against the captions.
-STAGES = (("curation.text_area.TextArea", "text"), ("curation.captioning.Captioning", "caption"),
-          ("curation.clip_score.ClipScore", "clip"))
+STAGES = (("curation.stages.text_area.TextArea", "text"), ("curation.stages.captioning.Captioning", "caption"),
+          ("curation.stages.clip_score.ClipScore", "clip"))
 
 
 @dataclass

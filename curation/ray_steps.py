@@ -20,10 +20,10 @@ import ray
 
 from curation.config import CurationConfig
 from curation.inputs import is_url, source_path
-from curation.isolation import IsolatedWorker
+from curation.video.isolation import IsolatedWorker
 from curation.ledger import CLIP_SCHEMA, CLIP_TYPE, Ledger, bucket_of, pipeline_row, rows_table, split_reason, split_rows
-from curation.stage import ClipBatch, Stage
-from curation.video_task import VideoOutput, decode_jpegs, prepare, process_video, video_row
+from curation.stages.base import ClipBatch, Stage
+from curation.video.task import VideoOutput, decode_jpegs, prepare, process_video, video_row
 
 
 class VideoActor:

@@ -90,7 +90,7 @@ class Submittable:
 
 SUBMITTABLE: dict[str, Submittable] = {
     "curate": Submittable("ray", _recipe_command("curation.config:CurationConfig")),
-    "train": Submittable("torch", _recipe_command("training.train_config:TrainConfig")),
+    "train": Submittable("torch", _recipe_command("training.stage_config:TrainConfig")),
     "calibrate": Submittable("ray", _recipe_command("training.calibration.config:CalibrateConfig")),
     "sample": Submittable("single", _validate_sample),
     "precompute": Submittable("ray", _validate_precompute),

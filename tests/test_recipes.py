@@ -15,11 +15,11 @@ def _config_for(folder: str):
 
         return CurationConfig
     if folder == "model":
-        from training.config import DiffusionConfig
+        from training.model.config import DiffusionConfig
 
         return DiffusionConfig
     if folder == "train":
-        from training.train_config import TrainConfig
+        from training.stage_config import TrainConfig
 
         return TrainConfig
     if folder == "calibrate":

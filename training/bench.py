@@ -44,7 +44,7 @@ def base_tree(output: Path, steps: int, batch_size: int, num_frames: int, size: 
 
 def measure(tree: dict[str, Any], warmup: int, name: str) -> BenchLine:
     from training.loop import Trainer
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
 
     config = validate(TrainConfig, tree, source="bench recipe")
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's own lines; the bench prints its table
@@ -74,7 +74,7 @@ def run_bench(steps: int = 30, warmup: int = 5, batch_size: int = 2, num_frames:
         root = Path(tmp)
         if shards is None:
             from shards.config import ShardWriteConfig
-            from shards.testing import fake_run
+            from curation.testing.fake_runs import fake_run
             from shards.writer import write_shards
 
             # clips of 2 s at 8 fps, at twice the training size (decoding and resizing are real work)

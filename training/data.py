@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from training.train_config import SyntheticDataConfig, TrainConfig
+from training.stage_config import SyntheticDataConfig, TrainConfig
 
 STATE_FORMAT = 1
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.train_config import EMAConfig
+from training.stage_config import EMAConfig
 
 GATHER_ELEMENTS = 50_000_000  # per ZeRO-3 gather: bounds the transient memory of an update
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from training.train_config import TrainConfig
+from training.stage_config import TrainConfig
 
 
 @dataclass(frozen=True)

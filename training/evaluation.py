@@ -138,8 +138,8 @@ class HeldOutEval:
 
     def _losses(self, batch: dict[str, Any]) -> torch.Tensor:
         """S x B: each clip's weighted loss at each sigma."""
-        from training import edm
-        from training.conditioning import Conditions, added_time_ids, instruction_latents, instructions_tensor
+        from training.model import edm
+        from training.model.conditioning import Conditions, added_time_ids, instruction_latents, instructions_tensor
 
         model = self.module.full_model
         # the loader draws one of a clip's captions per batch slot; the evaluation wants the same one always

@@ -16,7 +16,7 @@ from typing import Any
 
 from common.local_ray import local_ray
 from common.verbosity import ray_logging_level
-from training.train_config import TrainConfig
+from training.stage_config import TrainConfig
 
 
 @dataclass

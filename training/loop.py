@@ -32,8 +32,8 @@ from training.ema import EMA
 from training.engine import (DistContext, all_ranks_have, apply_schedule, deepspeed_config, init_process_group,
                              make_scheduler, mark_universal_checkpointable, teardown)
 from training.metrics import IntervalTimes, MetricsLogger, StageSummary, memory_gb
-from training.model import LatentVideoDiffusion
-from training.train_config import TrainConfig
+from training.model.network import LatentVideoDiffusion
+from training.stage_config import TrainConfig
 from training.train_step import (DenoiserTrainModule, FrozenEncoders, StepInputs, count_parameters,
                                  select_trainable, step_seed)
 
@@ -46,7 +46,7 @@ def load_initial_model(config: TrainConfig) -> LatentVideoDiffusion:
     if config.init_from is None:
         torch.manual_seed(config.seed)
         return LatentVideoDiffusion.build(config.model)
-    from training.export import load_pretrained
+    from training.model.export import load_pretrained
 
     return load_pretrained(config.init_from, config=config.model)
 
@@ -301,8 +301,8 @@ class Trainer:
         import numpy as np
         from PIL import Image
 
-        from training.media import to_uint8, write_contact_sheet, write_mp4
-        from training.sampler import sample_long
+        from training.sample.media import to_uint8, write_contact_sheet, write_mp4
+        from training.model.sampler import sample_long
 
         c, model = self.config, self.model
         self.module.eval()
@@ -350,7 +350,7 @@ class Trainer:
         """OUT/model: the diffusers-format export (EMA weights when configured), loadable by `lvd sample`."""
         import torch.distributed as dist
 
-        from training.export import save_pretrained
+        from training.model.export import save_pretrained
 
         state = self._full_state()
         out = None

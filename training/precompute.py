@@ -118,7 +118,7 @@ _ENCODERS: dict[tuple, Any] = {}
 
 def _encoders(config: PrecomputeConfig):
     """The model's VAE and text tower, loaded once per worker process (Ray reuses its workers across tasks)."""
-    from training.export import load_pretrained
+    from training.model.export import load_pretrained
 
     dev = _device(config)
     key = (config.model, str(dev), config.text)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from common.verbosity import apply
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
 
     apply()  # the launching `lvd train -v/-q` passed its level in the environment
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.conditioning import ConditioningConfig
-from training.edm import ObjectiveConfig
-from training.model import LatentVideoDiffusion, TrainBatch
+from training.model.conditioning import ConditioningConfig
+from training.model.edm import ObjectiveConfig
+from training.model.network import LatentVideoDiffusion, TrainBatch
 
 
 @dataclass
@@ -116,7 +116,7 @@ class DenoiserTrainModule(nn.Module):
 
 def select_trainable(module: DenoiserTrainModule, trainable: str, train_text_projection: bool) -> list[nn.Parameter]:
     """Sets requires_grad per the stage's `trainable` and returns the parameters the optimizer gets."""
-    from training.model import is_temporal
+    from training.model.network import is_temporal
 
     for name, p in module.unet.named_parameters():
         p.requires_grad_(trainable == "all" or (trainable == "temporal") == is_temporal(name))

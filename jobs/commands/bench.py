@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes on each side (default: all cores)")
     c.set_defaults(run=run_curate)
 
-    from curation.bench_scale import __doc__ as scale_doc
+    from curation.bench.scale import __doc__ as scale_doc
 
     sc = which.add_parser("scale", help="driver memory and time per video of curation at two dataset sizes",
                           description=scale_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--work-dir", default=None, help="folder for the temporary run folders (default: the system's)")
     sc.set_defaults(run=run_scale)
 
-    from curation.bench_dedup import __doc__ as dedup_doc
+    from curation.bench.dedup import __doc__ as dedup_doc
 
     dd = which.add_parser("dedup", help="near-duplicate search: time, memory, recall of planted pairs, agreement "
                                         "with the exact all-pairs search", description=dedup_doc,
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "needs ~2.5x clips x dim x 4 bytes)")
     dd.set_defaults(run=run_dedup)
 
-    from shards.bench_manifest import __doc__ as manifest_doc
+    from shards.bench.manifest import __doc__ as manifest_doc
 
     mf = which.add_parser("manifest", help="subset query and training plan over a large synthetic manifest, and one "
                                            "rank's peak memory reading its slice", description=manifest_doc,
@@ -63,14 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_train_bench(which)
 
-    from shards.bench import __doc__ as loader_doc, add_arguments as add_loader_arguments
+    from shards.bench.loader import __doc__ as loader_doc, add_arguments as add_loader_arguments
 
     loader = which.add_parser("loader", help="shard loader throughput vs a raw sequential read of the same bytes",
                               description=loader_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_loader_arguments(loader)
     loader.set_defaults(run=run_loader)
 
-    from curation.bench_stages import DEFAULT_RECIPE, __doc__ as stages_doc
+    from curation.bench.stages import DEFAULT_RECIPE, __doc__ as stages_doc
 
     s = which.add_parser("stages", help="clips/s of the model stages (text, caption, clip): batched vs one clip per call",
                          description=stages_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_curate(args: argparse.Namespace) -> int:
     from common.config import load_recipe
-    from curation.bench import make_bench_videos, run_bench
+    from curation.bench.curate import make_bench_videos, run_bench
     from curation.config import CurationConfig
 
     config = load_recipe(CurationConfig, args.recipe, args.overrides)
@@ -113,7 +113,7 @@ def run_curate(args: argparse.Namespace) -> int:
 
 
 def run_manifest(args: argparse.Namespace) -> int:
-    from shards.bench_manifest import run_bench
+    from shards.bench.manifest import run_bench
 
     if args.rows < 1000 or args.rows_per_file < 100:
         raise SystemExit(f"lvd bench manifest: --rows must be at least 1000 and --rows-per-file at least 100 "
@@ -124,7 +124,7 @@ def run_manifest(args: argparse.Namespace) -> int:
 
 
 def run_dedup(args: argparse.Namespace) -> int:
-    from curation.bench_dedup import run_bench
+    from curation.bench.dedup import run_bench
 
     if args.clips < 100 or args.dim < 2:
         raise SystemExit(f"lvd bench dedup: --clips must be at least 100 and --dim at least 2 "
@@ -135,7 +135,7 @@ def run_dedup(args: argparse.Namespace) -> int:
 
 
 def run_scale(args: argparse.Namespace) -> int:
-    from curation.bench_scale import run_bench
+    from curation.bench.scale import run_bench
 
     try:
         sizes = [int(v) for v in args.videos.split(",") if v.strip()]
@@ -151,7 +151,7 @@ def run_scale(args: argparse.Namespace) -> int:
 def run_stages(args: argparse.Namespace) -> int:
     import sys
 
-    from curation.bench_stages import bench_stages, load_config, parse_batch_sizes, parse_list
+    from curation.bench.stages import bench_stages, load_config, parse_batch_sizes, parse_list
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -168,7 +168,7 @@ def run_stages(args: argparse.Namespace) -> int:
 
 
 def run_loader(args: argparse.Namespace) -> int:
-    from shards.bench import run_bench
+    from shards.bench.loader import run_bench
 
     return run_bench(args)
 

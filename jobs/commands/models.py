@@ -40,7 +40,7 @@ def recipe_checkpoints(recipe: str, overrides: list[str]):
     from common.config import ConfigError, load_recipe
     from curation.config import CurationConfig
     from curation.pipeline import model_checkpoints
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
 
     errors = []
     for kind, cls in (("curation", CurationConfig), ("train", TrainConfig)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Same as curation.report's; not imported from there so that `lvd --help` stays fast (no pandas).
+# Same as curation.post.report's; not imported from there so that `lvd --help` stays fast (no pandas).
 REPORT_NAME = "report.html"
 DEFAULT_MAX_CLIPS = 60
 
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from curation.report import NoLedger, write_report
+    from curation.post.report import NoLedger, write_report
 
     try:
         path = write_report(args.run_dir, args.out, args.max_clips)

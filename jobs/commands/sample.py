@@ -92,7 +92,7 @@ def sample_config(args: argparse.Namespace):
     the preset read from the model folder when it has one), --preset, the sampler flags, then --set.
     `lvd submit` validates a sample job with this before sending it."""
     from common.config import apply_overrides, read_yaml, validate
-    from training.config import DiffusionConfig
+    from training.model.config import DiffusionConfig
 
     recipe = args.recipe or _default_recipe(args)
     tree = read_yaml(recipe)
@@ -107,7 +107,7 @@ def sample_config(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from training.sample_run import SampleRequest, load_model, run_sample
+    from training.sample.run import SampleRequest, load_model, run_sample
 
     config = sample_config(args)
     # An export knows its own model; a recipe's model section only applies when asked for.
@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
 def _default_recipe(args: argparse.Namespace) -> Path:
     import json
 
-    from training.export import MODEL_CONFIG, resolve_model_dir
+    from training.model.export import MODEL_CONFIG, resolve_model_dir
 
     preset = args.preset
     if preset is None and args.model is not None:

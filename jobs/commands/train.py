@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from common.config import load_recipe
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
 
     config = load_recipe(TrainConfig, args.recipe, args.overrides)  # fail on a bad recipe before any launch
     launcher = args.launcher or ("ray" if args.address else "local" if args.nproc == 1 and args.nnodes == 1

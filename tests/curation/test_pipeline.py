@@ -8,8 +8,8 @@ import pytest
 
 from curation.ledger import Ledger
 from curation.pipeline import finalize, run_curation
-from curation.synthetic import hard_cuts, moving_square, rendered_text, static_frame, write_video
-from curation.thresholds import Threshold
+from curation.testing.synthetic import hard_cuts, moving_square, rendered_text, static_frame, write_video
+from curation.post.thresholds import Threshold
 from tests.curation.conftest import make_config
 
 FPS = 24
@@ -90,7 +90,7 @@ def test_reencoded_clip_files_hold_exactly_the_clip_frames(curated):
 
 def test_rethreshold_changes_decisions_without_decoding(curated, monkeypatch):
     config, summary, videos, videos_df, clips_df = curated
-    import curation.video_task as vt
+    import curation.video.task as vt
 
     monkeypatch.setattr(vt, "decode_frames", lambda *a, **k: pytest.fail("re-thresholding decoded a frame"))
     looser = config.model_copy(update={"thresholds": {"motion_score": Threshold(min=0.0)}})

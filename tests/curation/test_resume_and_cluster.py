@@ -15,7 +15,7 @@ import yaml
 
 from curation.ledger import VOLATILE_COLUMNS, Ledger
 from curation.pipeline import run_curation
-from curation.synthetic import hard_cuts, moving_square, static_frame, write_video
+from curation.testing.synthetic import hard_cuts, moving_square, static_frame, write_video
 from tests.curation.conftest import make_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from curation.synthetic import hard_cuts, moving_square, write_video
+from curation.testing.synthetic import hard_cuts, moving_square, write_video
 from tests.curation.conftest import make_config
 from tests.training.train_helpers import stage_tree, synthetic_data, write_recipe
 

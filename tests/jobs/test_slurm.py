@@ -302,7 +302,7 @@ def real_slurm(slurm, project, monkeypatch):
 
 
 def _write_videos(folder: Path) -> Path:
-    from curation.synthetic import hard_cuts, moving_square, write_video
+    from curation.testing.synthetic import hard_cuts, moving_square, write_video
 
     folder.mkdir()
     write_video(folder / "cut.mp4", hard_cuts([30], 60, speed=2), 24)

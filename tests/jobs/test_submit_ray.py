@@ -14,7 +14,7 @@ import requests
 import yaml
 
 from curation.ledger import Ledger
-from curation.synthetic import hard_cuts, moving_square, static_frame, write_video
+from curation.testing.synthetic import hard_cuts, moving_square, static_frame, write_video
 from jobs.cli import main
 from jobs.records import JobRecord, JobStore
 from tests.jobs.ray_cluster import start_cluster

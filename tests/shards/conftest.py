@@ -15,7 +15,7 @@ SHARD_BYTES = "30KB"  # a few samples per shard
 
 @pytest.fixture(scope="session")
 def fake_run_dir(tmp_path_factory) -> Path:
-    from shards.testing import fake_run
+    from curation.testing.fake_runs import fake_run
 
     run = tmp_path_factory.mktemp("run") / "run"
     fake_run(run, num_clips=NUM_CLIPS, num_frames=NUM_FRAMES, fps=8.0, sizes=SIZES, captions=True)

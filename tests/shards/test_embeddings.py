@@ -19,7 +19,7 @@ from shards.loader import ShardLoader
 from shards.manifest import Manifest, part_name
 from shards.reader import SampleReader
 from shards.source import EMBEDDING_FILE, embedding_array
-from shards.testing import fake_run
+from curation.testing.fake_runs import fake_run
 from shards.writer import rewrite_shards, write_shards
 from tests.shards.conftest import NUM_CLIPS, NUM_FRAMES, SHARD_BYTES, SIZES, loader_config
 

@@ -11,7 +11,7 @@ import pytest
 from jobs.cli import main
 from shards.loader import ShardLoader
 from shards.manifest import Manifest
-from shards.testing import repack_hostile
+from curation.testing.fake_runs import repack_hostile
 from tests.shards.conftest import loader_config
 
 # name -> (keys, members) given the victim's key; each is one way an attacker names a file outside a folder

@@ -13,7 +13,7 @@ import torch
 
 from shards.loader import ShardLoader
 from shards.manifest import Manifest
-from shards.testing import clip_level, clip_number, frame_level
+from curation.testing.fake_runs import clip_level, clip_number, frame_level
 from tests.shards.conftest import NUM_FRAMES, loader_config
 
 QUERY = "motion_score < 0.45"

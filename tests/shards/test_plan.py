@@ -8,7 +8,7 @@ import pytest
 
 from shards.config import LoaderConfig
 from shards.manifest import Manifest
-from shards.testing import manifest_of
+from curation.testing.fake_runs import manifest_of
 from shards.plan import IMAGE, LATENTS, VIDEO, Bucket, SubsetPlanner
 
 

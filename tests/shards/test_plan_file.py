@@ -13,7 +13,7 @@ from shards import plan_file
 from shards.config import LoaderConfig
 from shards.plan import SubsetPlanner
 from shards.plan_file import RankSlice, write_plan
-from shards.testing import manifest_of
+from curation.testing.fake_runs import manifest_of
 
 
 @pytest.fixture(scope="module")

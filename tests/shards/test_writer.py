@@ -20,7 +20,7 @@ from curation.ledger import Ledger
 from shards.config import ShardWriteConfig
 from shards.manifest import Manifest
 from shards.reader import SampleReader
-from shards.testing import clip_level, fake_run, frame_level
+from curation.testing.fake_runs import clip_level, fake_run, frame_level
 from shards.writer import rewrite_shards, write_shards
 from tests.shards.conftest import NUM_FRAMES, SHARD_BYTES, loader_config
 

@@ -20,8 +20,8 @@ def one_thread():
 
 
 def build_tiny(seed: int = 0, **overrides):
-    from training.model import LatentVideoDiffusion
-    from training.presets import preset
+    from training.model.network import LatentVideoDiffusion
+    from training.model.presets import preset
 
     torch.manual_seed(seed)
     return LatentVideoDiffusion.build(preset("tiny", **overrides))

@@ -11,8 +11,8 @@ from tests.training.train_helpers import make_shards, shard_data
 
 def heldout_loss(shards, model, batch_size: int, seed: int = 0, sigmas=(0.2, 1.0, 5.0)) -> dict[str, float]:
     from shards.config import LoaderConfig
-    from training.conditioning import ConditioningConfig
-    from training.edm import ObjectiveConfig
+    from training.model.conditioning import ConditioningConfig
+    from training.model.edm import ObjectiveConfig
     from training.evaluation import EvalConfig, HeldOutEval
     from training.train_step import DenoiserTrainModule, FrozenEncoders
 
@@ -49,7 +49,7 @@ def test_heldout_loss_differs_between_models(shards):
 
 def test_eval_needs_shards():
     from common.config import ConfigError, validate
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
     from tests.training.train_helpers import stage_tree, synthetic_data
 
     tree = stage_tree("/tmp/unused", synthetic_data(), eval={"query": "true"})
@@ -69,7 +69,7 @@ def test_heldout_loss_is_the_same_on_two_ranks_under_zero3(tmp_path):
     from common.config import validate
     from tests.training.train_helpers import python, run, stage_tree, write_recipe
     from training.loop import Trainer
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
 
     shards = make_shards(tmp_path, num_clips=12)
     result = {}
@@ -97,7 +97,7 @@ def test_a_run_stopped_before_its_final_evaluation_evaluates_on_rerun_without_tr
     from common.config import validate
     from tests.training.train_helpers import stage_tree
     from training.loop import Trainer
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
 
     out = tmp_path / "stage"
     tree = stage_tree(out, shard_data(shards, batch_size=2, image_ratio=0.0), steps=2,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from curation.synthetic import moving_square
+from curation.testing.synthetic import moving_square
 from tests.training.conftest import build_tiny
-from training.conditioning import ConditioningConfig
-from training.edm import ObjectiveConfig
-from training.model import TrainBatch
-from training.sampler import ClipRequest, SamplerConfig, sample_clip
+from training.model.conditioning import ConditioningConfig
+from training.model.edm import ObjectiveConfig
+from training.model.network import TrainBatch
+from training.model.sampler import ClipRequest, SamplerConfig, sample_clip
 
 T, STEPS = 4, 300
 

@@ -13,7 +13,7 @@ import torch
 
 from common.config import ConfigError, validate
 from tests.training.train_helpers import stage_tree, synthetic_data
-from training.train_config import TrainConfig
+from training.stage_config import TrainConfig
 from training.trackers import Trackers
 
 

@@ -116,7 +116,7 @@ def test_kill_9_mid_run_then_restart_resumes_to_the_uninterrupted_losses(referen
 def test_ranks_with_unequal_data_stop_together(tmp_path):
     """3 batches for 2 ranks and one epoch: rank 0 has 2, rank 1 has 1. The ranks agree before each step that
     all have a batch, so both stop after step 1 (no rank waits forever in the gradient all-reduce). The
-    agreement itself is tested in the default suite by tests/training/test_train_data.py, without DeepSpeed."""
+    agreement itself is tested in the default suite by tests/training/test_data.py, without DeepSpeed."""
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.yaml", stage_tree(
         out, synthetic_data(num_samples=6, batch_size=2, epochs=1), steps=50, checkpoint={"every": 100}))
@@ -167,7 +167,7 @@ def test_ray_train_workers_match_torchrun_and_restore_from_ray_storage(reference
 
     from common.config import load_recipe
     from training.launch import run_ray
-    from training.train_config import TrainConfig
+    from training.stage_config import TrainConfig
 
     recipe, ref_out = reference
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ def make_shards(root: Path, num_clips: int = 12) -> Path:
     """A fake curation run's kept clips as shards (no curation runs): 48x80 and 80x48 clips of 16 frames at
     8 fps, with captions."""
     from shards.config import ShardWriteConfig
-    from shards.testing import fake_run
+    from curation.testing.fake_runs import fake_run
     from shards.writer import write_shards
 
     fake_run(root / "run", num_clips=num_clips, num_frames=16, fps=8.0, sizes=[(48, 80), (80, 48)], captions=True)

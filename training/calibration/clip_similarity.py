@@ -40,10 +40,10 @@ class ClipSimilarityConfig(Config):
 @torch.no_grad()
 def clip_similarity(model_dir: str | Path, config: ClipSimilarityConfig, sampler) -> float:
     """Mean cosine between the prompts and the frames the model at `model_dir` samples for them."""
-    from curation.clip_score import ClipScore, ClipScoreConfig
-    from training.export import load_pretrained
-    from training.media import to_uint8
-    from training.sampler import sample_long
+    from curation.stages.clip_score import ClipScore, ClipScoreConfig
+    from training.model.export import load_pretrained
+    from training.sample.media import to_uint8
+    from training.model.sampler import sample_long
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(model_dir).to(device).eval()

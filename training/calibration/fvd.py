@@ -106,7 +106,7 @@ def heldout_videos(loader_config, heldout: str, limit: int | None) -> tuple[list
     """The held-out clips (as the held-out loss reads them) as uint8 videos, with their fixed captions."""
     from shards.loader import ShardLoader
     from training.evaluation import EvalConfig, FixedCaptions, heldout_loader_config
-    from training.media import to_uint8
+    from training.sample.media import to_uint8
 
     config = heldout_loader_config(loader_config, EvalConfig(subset=heldout))
     captions = FixedCaptions(config)
@@ -125,9 +125,9 @@ def heldout_videos(loader_config, heldout: str, limit: int | None) -> tuple[list
 @torch.no_grad()
 def fvd(model_dir: str | Path, config: FvdConfig, sampler, loader_config, heldout: str) -> float:
     """FVD between the model at `model_dir`'s samples for the held-out captions and the held-out clips."""
-    from training.export import load_pretrained
-    from training.media import to_uint8
-    from training.sampler import sample_long
+    from training.model.export import load_pretrained
+    from training.sample.media import to_uint8
+    from training.model.sampler import sample_long
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference, captions = heldout_videos(loader_config, heldout, config.num_samples)

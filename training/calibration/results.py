@@ -74,7 +74,7 @@ def suggest(config: CalibrateConfig, rows: list[dict[str, Any]]) -> tuple[dict[s
 def check_thresholds(thresholds: dict[str, dict[str, float]]) -> None:
     """The block validates as curation's thresholds do (so `--rethreshold` takes it)."""
     from common.config import validate
-    from curation.thresholds import Threshold
+    from curation.post.thresholds import Threshold
 
     for score, rule in thresholds.items():
         validate(Threshold, rule, source=f"suggested threshold {score}")
@@ -135,7 +135,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 # ---------------------------------------------------------------- the page
 
 def render(config: CalibrateConfig, result: dict[str, Any]) -> str:
-    from curation.report import CSS
+    from curation.post.report import CSS
 
     e = html.escape
     title = f"calibration report: {config.name}"

@@ -19,7 +19,7 @@ from typing import Any
 from common.config import ConfigError, apply_overrides, read_yaml, validate
 from training.calibration.arms import HELDOUT, Arm, plan, write_plan
 from training.calibration.config import CalibrateConfig, RunnerConfig
-from training.train_config import TrainConfig
+from training.stage_config import TrainConfig
 
 DONE = "done.json"
 
