@@ -106,7 +106,7 @@ def test_calibration_ranks_the_corrupting_score_above_random_and_resumes(tmp_pat
     overrides = [f"thresholds.{s}.{k}={v}" for s, rule in block["thresholds"].items() for k, v in rule.items()]
     curation = load_recipe(CurationConfig, Path(__file__).parents[3] / "recipes/curation/demo.yaml",
                            ["output=/tmp/x", *overrides])
-    assert curation.post.thresholds["motion_score"].drop_bottom_pct == 50.0
+    assert curation.thresholds["motion_score"].drop_bottom_pct == 50.0
     assert "--rethreshold --set thresholds.motion_score.drop_bottom_pct=50" in (out / "thresholds.yaml").read_text()
     # the second metric ran on every arm, and is what the arm's exported model gives again
     from training.calibration.clip_similarity import ClipSimilarityConfig, clip_similarity
